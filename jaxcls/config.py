@@ -1,0 +1,143 @@
+"""The base config every config file starts from, and the checks run before any compilation.
+
+Config files under configs/ call `base_config()` and change what they need, so every key a
+run can use is listed here once, with its default and a comment. A key that is not here is a
+typo: `check_config` names it and suggests the closest known key.
+"""
+
+import difflib
+import math
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: see jaxcls/data/. Images reach the device as uint8 and are normalized there.
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "bundled"  # registry key in jaxcls.data.sources
+  config.data.path = ""  # directory or file for sources that read one
+  config.data.train_split = "train"
+  config.data.eval_split = "test"
+  config.data.num_classes = 10
+  config.data.image_size = 32
+  config.data.train_augment = "pad_crop_flip"  # or 'random_resized_crop_flip' or 'none'
+  config.data.crop_padding = 4
+  config.data.eval_resize = 32  # shorter side before the center crop (ImageNet: 256 for 224)
+  config.data.mean = (0.4914, 0.4822, 0.4465)  # in [0, 1], per RGB channel
+  config.data.std = (0.2470, 0.2435, 0.2616)
+  config.data.num_workers = 0  # grain worker processes; 0 decodes in the main process
+  config.data.prefetch_batches = 2  # batches kept ready ahead of the step
+  config.data.synthetic_size = 10_000  # examples of the 'synthetic' source
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "resnet18"  # registry key in jaxcls.models
+  config.model.stem = "small"  # 'small' (3x3 conv, no max-pool) or 'imagenet' (7x7/2 + pool)
+  config.model.width = 64  # channels of the first stage
+  config.model.dtype = "float32"  # compute dtype: float32 or bfloat16; params stay float32
+  config.model.zero_init_residual = True  # last BatchNorm scale of each block starts at 0
+  config.model.bn_momentum = 0.9
+
+  # Devices: named mesh axes; -1 takes the remaining devices. The global batch is split over
+  # data x fsdp; parameters and optimizer state are split over fsdp.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
+
+  config.batch_size = 256  # global, over all processes and devices
+  config.eval_batch_size = 500  # global; the last batch is padded and masked
+  config.num_epochs = 10.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 0.1  # peak
+  config.optim.lr_scaling = "none"  # 'linear': learning_rate * batch_size / base_batch_size
+  config.optim.base_batch_size = 256
+  config.optim.schedule = "cosine"  # 'cosine', 'constant' or 'step'
+  config.optim.warmup_epochs = 1.0
+  config.optim.step_boundaries = (0.5, 0.75)  # 'step': fractions of training
+  config.optim.step_decay = 0.1  # 'step': factor at each boundary
+  config.optim.momentum = 0.9
+  config.optim.nesterov = True
+  config.optim.weight_decay = 5e-4  # on kernels only, not on BatchNorm or biases
+  config.optim.label_smoothing = 0.1
+
+  config.log_every_steps = 50
+  config.eval_every_epochs = 0.0  # 0: evaluate only at the end
+  return config
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def _flat_keys(config, prefix="") -> dict:
+  out = {}
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat_keys(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def check_known_keys(config) -> None:
+  known = _flat_keys(base_config())
+  for key in _flat_keys(config):
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f" Did you mean config.{close[0]}?" if close else ""
+      raise ConfigError(f"config.{key} is not a known config key.{hint} "
+                        "Known keys are listed in jaxcls/config.py.")
+
+
+def check_config(config, num_devices: int, process_count: int = 1) -> None:
+  """Everything that can be checked from the config and the device count alone."""
+  # Imported here: the registries live with their modules, which import JAX.
+  from jaxcls import models, optim, sharding
+  from jaxcls.data import sources, transforms
+
+  check_known_keys(config)
+  try:
+    mesh_sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  batch_shards = math.prod(mesh_sizes[axis] for axis in sharding.BATCH_AXES)
+  for key in ("batch_size", "eval_batch_size"):
+    size = config[key]
+    if size <= 0:
+      raise ConfigError(f"config.{key}={size} must be positive.")
+    if size % batch_shards:
+      raise ConfigError(
+          f"config.{key}={size} is not divisible by the {batch_shards} data-parallel devices "
+          f"(mesh data={mesh_sizes['data']} x fsdp={mesh_sizes['fsdp']}). Use a multiple of "
+          f"{batch_shards}, e.g. --config.{key}={max(batch_shards, size // batch_shards * batch_shards)}.")
+    if size % process_count:
+      raise ConfigError(f"config.{key}={size} is not divisible by the {process_count} processes.")
+  try:
+    models.validate_model_config(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.data.source not in sources.SOURCES:
+    raise ConfigError(
+        f"config.data.source={config.data.source!r} is not known; use one of "
+        f"{', '.join(sorted(sources.SOURCES))}.")
+  if config.data.train_augment not in transforms.TRAIN_AUGMENTS:
+    raise ConfigError(
+        f"config.data.train_augment={config.data.train_augment!r} is not known; use one of "
+        f"{', '.join(transforms.TRAIN_AUGMENTS)}.")
+  if config.optim.schedule not in optim.SCHEDULES:
+    raise ConfigError(f"config.optim.schedule={config.optim.schedule!r} is not known; use one "
+                      f"of {', '.join(optim.SCHEDULES)}.")
+  if config.optim.lr_scaling not in optim.LR_SCALINGS:
+    raise ConfigError(f"config.optim.lr_scaling={config.optim.lr_scaling!r} is not known; use "
+                      f"one of {', '.join(optim.LR_SCALINGS)}.")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError("Set config.num_epochs or config.num_train_steps to a positive number.")
+  for key in ("mean", "std"):
+    if len(config.data[key]) != 3:
+      raise ConfigError(f"config.data.{key} needs 3 values (R, G, B), got {config.data[key]}.")

@@ -1,0 +1,151 @@
+"""grain pipelines that feed each process its share of the global batch.
+
+Train: every epoch is one permutation of the whole split, the same on every process (same
+seed), cut to a whole number of global batches. Global batch s is permutation positions
+[s * B, (s + 1) * B); process p takes every process_count-th of them, starting at p. So the
+processes read disjoint shares, yield the same number of batches, and together see each used
+example once per epoch. The permutation and the augmentation are seeded by (seed, epoch,
+position): reproducible, different each epoch, and independent of the worker count.
+
+Eval: one pass, split the same way, with the tail padded by zero images whose `mask` is
+False, so every process yields `num_eval_steps` batches and each example counts exactly once.
+
+The returned `grain.IterDataset`s give iterators with get_state/set_state, which
+grain.checkpoint saves next to the train state.
+"""
+
+import math
+
+import grain
+import jax
+import numpy as np
+
+from jaxcls.data import sources
+from jaxcls.data import transforms
+
+# Threads per process that read and transform elements. PIL releases the GIL while it decodes
+# and resizes, so a few threads help even with num_workers=0; more only add contention.
+_READ_THREADS = 4
+_READ_BUFFER = 256  # elements read ahead per process
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Whole global batches per train epoch (the remainder is dropped, a different one each epoch)."""
+  steps = num_examples // global_batch_size
+  if steps == 0:
+    raise ValueError(f"config.batch_size={global_batch_size} is larger than the "
+                     f"{num_examples} training examples.")
+  return steps
+
+
+def num_eval_steps(num_examples: int, global_batch_size: int) -> int:
+  """Global batches in one eval pass; the last one is padded."""
+  return -(-num_examples // global_batch_size)
+
+
+def _process_layout(global_batch_size: int, process_index: int | None,
+                    process_count: int | None) -> tuple[int, int, int]:
+  """-> (process_index, process_count, local batch size); defaults come from JAX."""
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"The global batch size {global_batch_size} (config.batch_size / "
+                     f"config.eval_batch_size) is not divisible by the {process_count} "
+                     "processes.")
+  return process_index, process_count, global_batch_size // process_count
+
+
+def _to_iter_dataset(ds: grain.MapDataset, data_config) -> grain.IterDataset:
+  """Runs the MapDataset in threads, and in `config.data.num_workers` processes if > 0."""
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
+                                            prefetch_buffer_size=_READ_BUFFER))
+  if data_config.num_workers > 0:
+    # Workers start with spawn and read absl flags: the entry point needs an
+    # `if __name__ == "__main__":` guard and parsed flags (absl.app.run).
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_config.num_workers,
+        per_worker_buffer_size=max(1, data_config.prefetch_batches)))
+  return it
+
+
+def create_train_dataset(data_config, source: sources.Source, global_batch_size: int,
+                         seed: int, *, process_index: int | None = None,
+                         process_count: int | None = None) -> grain.IterDataset:
+  """Infinite stream of this process's train batches {"image": uint8 [b,H,W,3], "label": int32 [b]}.
+
+  b = global_batch_size // process_count. process_index / process_count default to JAX's and
+  are arguments only so tests can simulate several processes.
+  """
+  process_index, process_count, local_batch = _process_layout(
+      global_batch_size, process_index, process_count)
+  used = steps_per_epoch(len(source), global_batch_size) * global_batch_size
+  # Separate, well-mixed 32-bit seeds: grain's shuffle uses seed + epoch, so nearby run seeds
+  # would otherwise replay each other's permutations one epoch apart.
+  shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
+  ds = grain.MapDataset.source(source).shuffle(seed=int(shuffle_seed))
+  for t in transforms.train_transforms(data_config):
+    if isinstance(t, grain.transforms.RandomMap):
+      # Seeded by the element's position in the (epoch-indexed) permutation.
+      ds = ds.random_map(t, seed=int(augment_seed))
+    else:
+      ds = ds.map(t)
+  # grain keeps the epoch in the index through slice and repeat, so each epoch reshuffles.
+  ds = ds[:used][process_index::process_count].repeat()
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return _to_iter_dataset(ds, data_config)
+
+
+class _MarkReal(grain.transforms.Map):
+
+  def map(self, element):
+    return {**element, "mask": True}
+
+
+class _Padding(grain.transforms.Map):
+  """An already-decoded zero image; passes through the eval transforms unchanged."""
+
+  def __init__(self, image_size: int):
+    self.image_size = image_size
+
+  def map(self, element):
+    del element
+    image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+    return {"image": image, "label": 0, "mask": False}
+
+
+def create_eval_dataset(data_config, source: sources.Source, global_batch_size: int, *,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> grain.IterDataset:
+  """One pass of this process's eval batches, each with "mask": bool [b], True = real.
+
+  Every process yields num_eval_steps(len(source), global_batch_size) batches.
+  """
+  process_index, process_count, local_batch = _process_layout(
+      global_batch_size, process_index, process_count)
+  total = num_eval_steps(len(source), global_batch_size) * global_batch_size
+  real = grain.MapDataset.source(source).map(_MarkReal())
+  padding = grain.MapDataset.range(total - len(source)).map(_Padding(data_config.image_size))
+  ds = grain.MapDataset.concatenate([real, padding])[process_index::process_count]
+  for t in transforms.eval_transforms(data_config):
+    ds = ds.map(t)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return _to_iter_dataset(ds, data_config)
+
+
+def make_global_batch(local_batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
+  """This process's numpy batch -> global jax.Arrays, batch dimension sharded as `sharding` says."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def prefetch_to_device(ds: grain.IterDataset, sharding: jax.sharding.NamedSharding,
+                       num_batches: int = 2) -> grain.IterDataset:
+  """Keeps `num_batches` global batches already on the devices, built in a background thread.
+
+  The result's iterator is still a grain iterator: its state counts only the batches handed
+  out, so a checkpoint taken with batches in flight resumes at the right one.
+  """
+  ds = ds.map(lambda batch: make_global_batch(batch, sharding))
+  return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=num_batches)

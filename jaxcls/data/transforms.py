@@ -1,0 +1,150 @@
+"""Per-example decode and augmentation on the host, in numpy and PIL.
+
+Elements are dicts; these transforms change only "image" and keep other keys. Images stay
+uint8 HxWx3 (RGB): normalization happens on the device, where it is free and the host-to-device
+copy is 4x smaller. Random transforms are grain `RandomMap`s: grain hands each element a
+generator seeded from the pipeline seed and the element's position, so augmentation is
+reproducible and independent of worker count.
+"""
+
+import io
+import math
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+TRAIN_AUGMENTS = ("pad_crop_flip", "random_resized_crop_flip", "none")
+
+_BILINEAR = Image.Resampling.BILINEAR
+
+
+def decode_image(image: Any) -> np.ndarray:
+  """Encoded bytes (any PIL format and mode) -> RGB uint8 HxWx3; decoded arrays pass through."""
+  if isinstance(image, np.ndarray) and image.ndim == 3:
+    return image
+  with Image.open(io.BytesIO(image)) as pil:
+    if pil.mode != "RGB":
+      pil = pil.convert("RGB")
+    return np.asarray(pil)
+
+
+def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
+  """Resizes the shorter side to `resize`, then crops the central size x size square."""
+  h, w = image.shape[:2]
+  if h == w == size:
+    return image
+  resize = max(resize, size)
+  if min(h, w) != resize:
+    scale = resize / min(h, w)
+    new_w, new_h = max(resize, round(w * scale)), max(resize, round(h * scale))
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), _BILINEAR))
+    h, w = new_h, new_w
+  top, left = (h - size) // 2, (w - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def pad_crop_flip(image: np.ndarray, size: int, padding: int,
+                  rng: np.random.Generator) -> np.ndarray:
+  """Random size x size crop of the image zero-padded by `padding`, flipped with p=0.5.
+
+  Copies only the part of the crop that overlaps the image instead of padding the whole image.
+  """
+  h, w = image.shape[:2]
+  dy, dx, flip = rng.integers(0, (h + 2 * padding - size + 1, w + 2 * padding - size + 1, 2))
+  y0, x0 = dy - padding, dx - padding  # crop origin in image coordinates; may be negative
+  ys, ye = max(y0, 0), min(y0 + size, h)
+  xs, xe = max(x0, 0), min(x0 + size, w)
+  out = np.zeros((size, size, image.shape[2]), image.dtype)
+  out[ys - y0:ye - y0, xs - x0:xe - x0] = image[ys:ye, xs:xe]
+  return out[:, ::-1] if flip else out
+
+
+def random_resized_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator,
+                             scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                             attempts: int = 10) -> np.ndarray:
+  """Inception-style crop: random area fraction and aspect ratio, resized to size, flipped."""
+  h, w = image.shape[:2]
+  area = h * w
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(attempts):
+    target_area = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw = round(math.sqrt(target_area * aspect))
+    ch = round(math.sqrt(target_area / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      top = int(rng.integers(0, h - ch + 1))
+      left = int(rng.integers(0, w - cw + 1))
+      break
+  else:  # Rare (extreme aspect ratios): the central crop, aspect clamped to `ratio`.
+    aspect = w / h
+    if aspect < ratio[0]:
+      cw, ch = w, round(w / ratio[0])
+    elif aspect > ratio[1]:
+      cw, ch = round(h * ratio[1]), h
+    else:
+      cw, ch = w, h
+    top, left = (h - ch) // 2, (w - cw) // 2
+  # One PIL call crops and resizes (antialiased when shrinking).
+  out = np.asarray(Image.fromarray(image).resize(
+      (size, size), _BILINEAR, box=(left, top, left + cw, top + ch)))
+  return out[:, ::-1] if rng.integers(2) else out
+
+
+class Decode(grain.transforms.Map):
+  """Decodes "image" and makes "label" int32."""
+
+  def map(self, element):
+    return {**element, "image": decode_image(element["image"]),
+            "label": np.int32(element["label"])}
+
+
+class ResizeCenterCrop(grain.transforms.Map):
+  """Deterministic resize + center crop (eval; also makes train images image_size square)."""
+
+  def __init__(self, size: int, resize: int):
+    self.size, self.resize = size, resize
+
+  def map(self, element):
+    return {**element, "image": resize_center_crop(element["image"], self.size, self.resize)}
+
+
+class PadCropFlip(grain.transforms.RandomMap):
+  """CIFAR-style augmentation; see `pad_crop_flip`."""
+
+  def __init__(self, size: int, padding: int):
+    self.size, self.padding = size, padding
+
+  def random_map(self, element, rng: np.random.Generator):
+    image = pad_crop_flip(element["image"], self.size, self.padding, rng)
+    return {**element, "image": image}
+
+
+class RandomResizedCropFlip(grain.transforms.RandomMap):
+  """ImageNet-style augmentation; see `random_resized_crop_flip`."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def random_map(self, element, rng: np.random.Generator):
+    return {**element, "image": random_resized_crop_flip(element["image"], self.size, rng)}
+
+
+def eval_transforms(data_config) -> list[grain.transforms.Map]:
+  return [Decode(), ResizeCenterCrop(data_config.image_size, data_config.eval_resize)]
+
+
+def train_transforms(data_config) -> list:
+  """The transforms `config.data.train_augment` names, decode first."""
+  size = data_config.image_size
+  augment = data_config.train_augment
+  if augment == "pad_crop_flip":
+    # Images not already size x size are first fitted to it (a no-op for CIFAR).
+    return [Decode(), ResizeCenterCrop(size, size), PadCropFlip(size, data_config.crop_padding)]
+  if augment == "random_resized_crop_flip":
+    return [Decode(), RandomResizedCropFlip(size)]
+  if augment == "none":  # What eval sees.
+    return eval_transforms(data_config)
+  raise ValueError(f"config.data.train_augment={augment!r} is not known; use one of "
+                   f"{list(TRAIN_AUGMENTS)}.")

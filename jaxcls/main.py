@@ -1,0 +1,50 @@
+"""Command line: `python -m jaxcls.main --config configs/default.py --workdir runs/default`.
+
+Parses flags, starts multi-process JAX if asked, and calls jaxcls.train.run; no training
+logic lives here, so a notebook can call train.run(config, workdir) the same way.
+Any config key can be overridden: `--config.batch_size=512 --config.model.name=resnet50`.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (a .py with get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, logs and results.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in the run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+  """absl parsing, but a bad --config.key=value ends with one readable line, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nPass --helpfull to list the flags.")
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    message = str(e).strip("'\"").replace("\\n", " ").replace('\\"', '"')
+    sys.exit(f"error: bad config override: {message}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  # Imported after flag parsing: grain worker processes read absl flags.
+  from jaxcls import config as config_lib
+  from jaxcls import distributed, train
+
+  logging.set_verbosity(logging.WARNING)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    train.run(_CONFIG.value, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,67 @@
+"""Model registry: `config.model.name` -> constructor.
+
+Every constructor takes keyword arguments num_classes, width, stem, dtype,
+zero_init_residual and bn_momentum and returns a flax.linen.Module whose
+`__call__(x, train)` maps float32 NHWC images to float32 logits.
+"""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxcls.models import cnn
+from jaxcls.models import resnet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    'cnn': cnn.cnn,
+    'resnet_tiny': resnet.resnet_tiny,
+    'resnet18': resnet.resnet18,
+    'resnet34': resnet.resnet34,
+    'resnet50': resnet.resnet50,
+    'resnet101': resnet.resnet101,
+    'resnet152': resnet.resnet152,
+}
+
+DTYPES = {
+    'float32': jnp.float32,
+    'bfloat16': jnp.bfloat16,
+    'float16': jnp.float16,
+}
+
+
+def validate_model_config(model_config) -> None:
+  """Raises ValueError for a bad `config.model`; builds and compiles nothing."""
+  if model_config.name not in MODELS:
+    raise ValueError(
+        f'config.model.name: unknown model {model_config.name!r}; '
+        f'known: {sorted(MODELS)}')
+  if model_config.dtype not in DTYPES:
+    raise ValueError(
+        f'config.model.dtype: unsupported compute dtype {model_config.dtype!r}; '
+        f'known: {list(DTYPES)}')
+  if model_config.stem not in resnet.STEMS:
+    raise ValueError(
+        f'config.model.stem: unknown stem {model_config.stem!r}; '
+        f'known: {list(resnet.STEMS)}')
+  width = model_config.width
+  if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+    raise ValueError(
+        f'config.model.width: must be a positive int, got {width!r}')
+  if not 0.0 <= model_config.bn_momentum < 1.0:
+    raise ValueError(
+        f'config.model.bn_momentum: must be in [0, 1), got '
+        f'{model_config.bn_momentum!r}')
+
+
+def create_model(model_config, num_classes: int) -> nn.Module:
+  """Builds the (unbound) model named by `config.model.name`."""
+  validate_model_config(model_config)
+  return MODELS[model_config.name](
+      num_classes=num_classes,
+      width=model_config.width,
+      stem=model_config.stem,
+      dtype=DTYPES[model_config.dtype],
+      zero_init_residual=bool(model_config.zero_init_residual),
+      bn_momentum=float(model_config.bn_momentum),
+  )

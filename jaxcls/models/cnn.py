@@ -1,0 +1,68 @@
+"""A small plain CNN for fast CPU training on 32px images.
+
+Layout: a full-resolution conv, then three conv-BN-ReLU-maxpool stages that
+double the channels and halve the resolution (32 -> 16 -> 8 -> 4), global
+average pool and a Dense head. No residual connections.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxcls.models import resnet
+
+
+class CNN(nn.Module):
+  """Plain conv-BN-ReLU network; `width` is the channels of the first conv."""
+
+  num_classes: int = 10
+  width: int = 32
+  dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+
+  def _block(self, x, features, train, name):
+    x = nn.Conv(
+        features,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,  # BatchNorm follows.
+        kernel_init=resnet.conv_init,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=f'{name}_conv',
+    )(x)
+    x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=f'{name}_bn',
+    )(x)
+    return nn.relu(x)
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = jnp.asarray(x, self.dtype)
+    x = self._block(x, self.width, train, 'stem')
+    for i in range(3):
+      x = self._block(x, self.width * 2**(i + 1), train, f'stage{i + 1}')
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    # Pool and classify in float32 so low-precision compute cannot hurt logits.
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return nn.Dense(
+        self.num_classes,
+        kernel_init=nn.initializers.zeros,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        name='head',
+    )(x)
+
+
+def cnn(*, num_classes, width, dtype, bn_momentum, stem=None,
+        zero_init_residual=None):
+  """Registry constructor; `stem` and `zero_init_residual` do not apply."""
+  del stem, zero_init_residual  # No stem choice and no residual blocks.
+  return CNN(num_classes=num_classes, width=width, dtype=dtype,
+             bn_momentum=bn_momentum)

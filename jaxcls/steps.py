@@ -1,0 +1,97 @@
+"""The pure per-batch functions: train_step and eval_step, and the train state they carry.
+
+They know nothing of meshes or loops: train.py jits them once with explicit shardings.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+  """params + optimizer state (from flax) plus the BatchNorm running statistics."""
+  batch_stats: Any = None
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+  """uint8 images -> float32, scaled to [0, 1], then standardized per channel."""
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def top_k_correct(logits, labels, k: int) -> jax.Array:
+  """1.0 where the label is among the k highest logits (k is clipped to the class count)."""
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def make_train_step(model, data_config, optim_config, schedule):
+  """Builds train_step(state, batch) -> (state, metrics); metrics are device scalars."""
+  num_classes = data_config.num_classes
+  mean, std = tuple(data_config.mean), tuple(data_config.std)
+  label_smoothing = float(optim_config.label_smoothing)
+
+  def train_step(state: TrainState, batch):
+    images = normalize(batch["image"], mean, std)
+    labels = batch["label"]
+
+    def loss_fn(params):
+      logits, updates = state.apply_fn(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          mutable=["batch_stats"])
+      loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+      return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "learning_rate": schedule(state.step),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, data_config):
+  """Builds eval_step(state, batch) -> sums over the real (mask=True) examples of the batch."""
+  num_classes = data_config.num_classes
+  mean, std = tuple(data_config.mean), tuple(data_config.std)
+
+  def eval_step(state: TrainState, batch):
+    images = normalize(batch["image"], mean, std)
+    labels = batch["label"]
+    mask = batch["mask"].astype(jnp.float32)
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    return {
+        "loss": jnp.sum(cross_entropy(logits, labels, num_classes) * mask),
+        "correct": jnp.sum(top_k_correct(logits, labels, 1) * mask),
+        "correct_top5": jnp.sum(top_k_correct(logits, labels, 5) * mask),
+        "count": jnp.sum(mask),
+    }
+
+  return eval_step
+
+
+def init_train_state(model, tx, image_size: int, rng) -> TrainState:
+  variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+                         train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables.get("batch_stats", flax.core.FrozenDict()))

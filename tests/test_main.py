@@ -1,0 +1,62 @@
+"""`python -m jaxcls.main` end to end, in a subprocess as a user runs it."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(workdir, *overrides, devices=8, timeout=600):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [sys.executable, "-m", "jaxcls.main", "--config", str(REPO / "configs/default.py"),
+         "--workdir", str(workdir), *overrides]
+  return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+SMOKE = ("--config.model.name=resnet_tiny", "--config.num_train_steps=6",
+         "--config.log_every_steps=3", "--config.batch_size=64", "--config.eval_batch_size=504")
+
+
+def test_smoke_run_writes_every_workdir_file(tmp_path):
+  result = run_main(tmp_path, *SMOKE, "--config.mesh.fsdp=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 6/6" in result.stdout and "img/s" in result.stdout and "ETA" in result.stdout
+
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["model"]["name"] == "resnet_tiny" and config["mesh"]["fsdp"] == 2
+
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == [3, 6]
+  for record in train_records:
+    for key in ("loss", "accuracy", "learning_rate", "images_per_sec"):
+      assert key in record and record[key] == record[key], key  # present and not NaN
+  eval_records = [r for r in records if r["split"] == "eval"]
+  assert len(eval_records) == 1 and eval_records[0]["num_examples"] == 2000
+
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  final = json.loads((tmp_path / "eval" / "test_6.json").read_text())
+  assert final["num_examples"] == 2000 and 0.0 <= final["accuracy"] <= 1.0
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["eval"] == final and results["step"] == 6
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.batchsize=64", 'Did you mean "batch_size"'),
+    ("--config.batch_size=100", "config.batch_size=100 is not divisible by the 8 data-parallel"),
+    ("--config.model.name=resnet19", "config.model.name"),
+    ("--config.data.source=nowhere", "config.data.source"),
+])
+def test_config_errors_fail_before_compiling(tmp_path, override, message):
+  result = run_main(tmp_path, *SMOKE, override)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert "Compiled" not in result.stdout
