@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
 
   config.batch_size = 256  # global, over all processes and devices
-  config.eval_batch_size = 500  # global; the last batch is padded and masked
+  config.eval_batch_size = 512  # global; the last batch is padded and masked
   config.num_epochs = 10.0
   config.num_train_steps = -1  # > 0 overrides num_epochs
 

@@ -62,7 +62,7 @@ def make_train_step(model, data_config, optim_config, schedule):
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "learning_rate": schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return new_state, metrics
 

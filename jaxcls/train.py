@@ -3,7 +3,6 @@
 `run(config, workdir)` is what `python -m jaxcls.main` and the notebooks call.
 """
 
-import collections
 import math
 import os
 import time
@@ -67,21 +66,10 @@ def compile_eval_step(eval_step, state, state_shardings, mesh, config):
   return jitted.lower(state, spec).compile()
 
 
-def device_batches(local_batches, batch_sharding, depth: int):
-  """Turns host-local batches into global arrays, keeping `depth` transfers in flight."""
-  queue = collections.deque()
-  for local in local_batches:
-    queue.append(pipeline.make_global_batch(local, batch_sharding))
-    if len(queue) > depth:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
-
-
 def evaluate(eval_step, state, eval_dataset, mesh, depth: int) -> dict:
   """One exact pass over the eval split: sums stay on the device until the end."""
   totals = None
-  for batch in device_batches(iter(eval_dataset), sharding.batch_sharding(mesh), depth):
+  for batch in pipeline.prefetch_to_device(eval_dataset, sharding.batch_sharding(mesh), depth):
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -112,11 +100,11 @@ def run(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   train_source = sources.create_source(config.data, config.data.train_split)
   eval_source = sources.create_source(config.data, config.data.eval_split)
-  steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
-  if steps_per_epoch == 0:
+  if config.batch_size > len(train_source):
     raise config_lib.ConfigError(
         f"config.batch_size={config.batch_size} is larger than the {len(train_source)} "
         f"training examples of {train_source.name}; lower it.")
+  steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
   num_steps = total_train_steps(config, steps_per_epoch)
   eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
 
@@ -143,8 +131,8 @@ def run(config, workdir: str) -> dict:
   train_dataset = pipeline.create_train_dataset(
       config.data, train_source, config.batch_size, config.seed)
   eval_dataset = pipeline.create_eval_dataset(config.data, eval_source, config.eval_batch_size)
-  batches = device_batches(iter(train_dataset), sharding.batch_sharding(mesh),
-                           config.data.prefetch_batches)
+  batches = iter(pipeline.prefetch_to_device(
+      train_dataset, sharding.batch_sharding(mesh), config.data.prefetch_batches))
 
   def run_eval(step):
     results = evaluate(eval_step, state, eval_dataset, mesh, config.data.prefetch_batches)

@@ -21,7 +21,7 @@ def run_main(workdir, *overrides, devices=8, timeout=600):
 
 
 SMOKE = ("--config.model.name=resnet_tiny", "--config.num_train_steps=6",
-         "--config.log_every_steps=3", "--config.batch_size=64", "--config.eval_batch_size=504")
+         "--config.log_every_steps=3", "--config.batch_size=64", "--config.eval_batch_size=512")
 
 
 def test_smoke_run_writes_every_workdir_file(tmp_path):

@@ -51,10 +51,11 @@ def train_on_mesh(config, devices, batches):
 def test_same_losses_and_params_on_every_mesh():
   devices = jax.devices()
   assert len(devices) == 8, "conftest must give 8 fake CPU devices"
-  batches = synthetic_batches(tiny_config(), num_steps=4)
+  # One batch seen four times: the loss must fall, so the steps really train.
+  batches = synthetic_batches(tiny_config(), num_steps=1) * 4
   reference_losses, reference_params, _ = train_on_mesh(
       tiny_config(data=1, fsdp=1), devices[:1], batches)
-  assert reference_losses[-1] < reference_losses[0]  # it does learn these 16 examples
+  assert reference_losses[-1] < reference_losses[0] - 0.01
   for mesh in ({"data": 8, "fsdp": 1}, {"data": 4, "fsdp": 2}):
     losses, params, _ = train_on_mesh(tiny_config(**mesh), devices, batches)
     np.testing.assert_allclose(losses, reference_losses, rtol=2e-5, atol=2e-5, err_msg=str(mesh))
