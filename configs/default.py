@@ -1,9 +1,13 @@
-"""Default config: a small ResNet on the bundled CIFAR-10 sample, sized for a 2-core CPU.
+"""Default config: a small CNN on the bundled CIFAR-10 sample, sized for a 2-core CPU.
 
-Run:
+Run (from a checkout, after `pip install .`):
     python -m jaxcls.main --config configs/default.py --workdir runs/default
 
-Expected: (filled in after tuning)
+Data: the 10,000-image train / 2,000-image test sample of CIFAR-10 shipped in the package
+(jaxcls/data/bundled); no download. Model: `cnn` at width 16 (about 0.4 M parameters),
+15 epochs of batch 128 with SGD Nesterov, peak lr 0.2 after a 1-epoch warmup, cosine decay.
+Expected: about 74% top-1 on the bundled test split, in about 3.5 minutes on a 2-core CPU
+(first compilation included). Numbers measured are in benchmarks/README.md.
 """
 
 from jaxcls.config import base_config
@@ -12,4 +16,11 @@ from jaxcls.config import base_config
 def get_config(arg: str = ""):
   del arg
   config = base_config()
+  config.model.name = "cnn"
+  config.model.width = 16
+  config.batch_size = 128
+  config.num_epochs = 15.0
+  config.optim.learning_rate = 0.2
+  config.optim.warmup_epochs = 1.0
+  config.log_every_steps = 50
   return config

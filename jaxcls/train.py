@@ -98,8 +98,11 @@ def run(config, workdir: str) -> dict:
     report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   mesh = sharding.make_mesh(config.mesh)
-  train_source = sources.create_source(config.data, config.data.train_split)
-  eval_source = sources.create_source(config.data, config.data.eval_split)
+  try:
+    train_source = sources.create_source(config.data, config.data.train_split)
+    eval_source = sources.create_source(config.data, config.data.eval_split)
+  except ValueError as e:  # a missing path, split or class count: the message says which
+    raise config_lib.ConfigError(str(e)) from None
   if config.batch_size > len(train_source):
     raise config_lib.ConfigError(
         f"config.batch_size={config.batch_size} is larger than the {len(train_source)} "

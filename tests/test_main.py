@@ -53,6 +53,8 @@ def test_smoke_run_writes_every_workdir_file(tmp_path):
     ("--config.batch_size=100", "config.batch_size=100 is not divisible by the 8 data-parallel"),
     ("--config.model.name=resnet19", "config.model.name"),
     ("--config.data.source=nowhere", "config.data.source"),
+    ("--config.data.num_classes=7", "config.data.num_classes=7, but bundled"),
+    ("--config.mesh.fsdp=3", "config.mesh"),
 ])
 def test_config_errors_fail_before_compiling(tmp_path, override, message):
   result = run_main(tmp_path, *SMOKE, override)
