@@ -16,12 +16,8 @@ def initialize(coordinator_address: str = "", num_processes: int = 0,
     raise ValueError(
         "--coordinator_address needs --num_processes and --process_id as well "
         f"(got num_processes={num_processes}, process_id={process_id}).")
-  if jax.default_backend() == "cpu" or _platforms_are_cpu():
-    # CPU collectives across processes need gloo (the default has none).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU collectives across processes need gloo (the default has none). Harmless on GPU/TPU,
+  # and it must be set before the backend starts, so it cannot depend on the backend.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                              process_id=process_id)
-
-
-def _platforms_are_cpu() -> bool:
-  return (jax.config.jax_platforms or "").strip() == "cpu"

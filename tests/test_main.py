@@ -62,3 +62,42 @@ def test_config_errors_fail_before_compiling(tmp_path, override, message):
   assert message in result.stderr, result.stderr[-2000:]
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
   assert "Compiled" not in result.stdout
+
+
+def free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def train_losses(workdir):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r["loss"] for r in records if r["split"] == "train"]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """2 processes x 4 devices on loopback train like 1 process x 8 devices."""
+  steps = ("--config.model.name=resnet_tiny", "--config.num_train_steps=4",
+           "--config.log_every_steps=1", "--config.batch_size=64", "--config.mesh.fsdp=2")
+  single = run_main(tmp_path / "single", *steps)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "jaxcls.main", "--config", str(REPO / "configs/default.py"),
+       "--workdir", str(tmp_path / "multi"), *steps,
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "step 4/4" in outputs[0][0] and "step 4/4" not in outputs[1][0]  # only process 0 logs
+  assert len(train_losses(tmp_path / "multi")) == 4
+  assert train_losses(tmp_path / "multi") == pytest.approx(train_losses(tmp_path / "single"),
+                                                           rel=1e-5)
+  multi = json.loads((tmp_path / "multi" / "results.json").read_text())["eval"]
+  assert multi["num_examples"] == 2000
