@@ -65,6 +65,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 5e-4  # on kernels only, not on BatchNorm or biases
   config.optim.label_smoothing = 0.1
 
+  # Checkpoints in <workdir>/checkpoints (see jaxcls/checkpoint.py). A run started again with
+  # the same workdir resumes from the latest complete one, data position included.
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_epochs = 1.0  # also at the end and on SIGTERM / SIGINT
+  config.checkpoint.every_steps = -1  # > 0 overrides every_epochs
+  config.checkpoint.keep = 3  # the latest K are kept
+  config.checkpoint.best_metric = ""  # e.g. 'accuracy': also keep the best eval checkpoint
+  config.checkpoint.best_mode = "max"  # 'max' or 'min' for best_metric
+  config.checkpoint.async_save = True  # write in the background while training goes on
+  config.checkpoint.resume = True
+  config.checkpoint.fallback_to_previous = False  # a damaged latest step: use the one before
+  config.checkpoint.restart_data_on_mismatch = False  # see checkpoint.DATA_KEYS
+  config.checkpoint.preemption_check_steps = 10  # multi-process: steps between flag checks
+
   config.log_every_steps = 50
   config.eval_every_epochs = 0.0  # 0: evaluate only at the end
   return config
@@ -136,6 +150,11 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
   if config.optim.lr_scaling not in optim.LR_SCALINGS:
     raise ConfigError(f"config.optim.lr_scaling={config.optim.lr_scaling!r} is not known; use "
                       f"one of {', '.join(optim.LR_SCALINGS)}.")
+  if config.checkpoint.keep < 1:
+    raise ConfigError(f"config.checkpoint.keep={config.checkpoint.keep} must be at least 1.")
+  if config.checkpoint.best_mode not in ("max", "min"):
+    raise ConfigError(f"config.checkpoint.best_mode={config.checkpoint.best_mode!r}: use "
+                      "'max' or 'min'.")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("Set config.num_epochs or config.num_train_steps to a positive number.")
   for key in ("mean", "std"):

@@ -35,6 +35,7 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   # Imported after flag parsing: grain worker processes read absl flags.
+  from jaxcls import checkpoint
   from jaxcls import config as config_lib
   from jaxcls import distributed, train
 
@@ -44,6 +45,10 @@ def main(argv):
     train.run(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
+  except checkpoint.CheckpointError as e:
+    sys.exit(f"checkpoint error: {e}")
+  except FloatingPointError as e:
+    sys.exit(f"training stopped: {e}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,26 @@ class Reporter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+  def truncate_after(self, step: int) -> None:
+    """Keeps the records up to `step`: a resumed run replays the later steps and writes them
+    again, and a killed run may have left half a line at the end."""
+    if not self.enabled:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    kept = []
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError):
+          continue  # the partial last line of a killed run
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
+    self._jsonl = open(path, "a", encoding="utf-8")
+
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:
       return

@@ -7,12 +7,14 @@ import math
 import os
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcls import checkpoint
 from jaxcls import config as config_lib
-from jaxcls import models, optim, report, sharding, steps
+from jaxcls import models, optim, preemption, report, sharding, steps
 from jaxcls.data import pipeline, sources
 
 
@@ -22,17 +24,25 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
   return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
 
 
+def train_state_shapes(model, tx, config, mesh):
+  """-> (abstract train state with shardings, shardings): shapes only, nothing allocated."""
+  abstract_state = jax.eval_shape(_state_initializer(model, tx, config), jax.random.key(0))
+  state_shardings = sharding.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
+  return checkpoint.abstract_with_shardings(abstract_state, state_shardings), state_shardings
+
+
+def _state_initializer(model, tx, config):
+  return lambda rng: steps.init_train_state(model, tx, config.data.image_size, rng)
+
+
 def create_train_state(model, tx, config, mesh):
   """Builds the train state directly in its sharded layout: shapes -> shardings -> init.
 
   No device ever holds a full copy of a parameter that the mesh splits.
   """
-  init = lambda rng: steps.init_train_state(model, tx, config.data.image_size, rng)
-  rng = jax.random.key(config.seed)
-  abstract_state = jax.eval_shape(init, rng)
-  state_shardings = sharding.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
-  state = jax.jit(init, out_shardings=state_shardings)(rng)
-  return state, state_shardings
+  _, state_shardings = train_state_shapes(model, tx, config, mesh)
+  init = jax.jit(_state_initializer(model, tx, config), out_shardings=state_shardings)
+  return init(jax.random.key(config.seed)), state_shardings
 
 
 def batch_spec(mesh, global_batch_size: int, image_size: int, with_mask: bool = False):
@@ -82,14 +92,38 @@ def evaluate(eval_step, state, eval_dataset, mesh, depth: int) -> dict:
   }
 
 
-def mean_metrics(history: list) -> dict:
-  """Fetches the per-step device metrics in one transfer and averages them."""
+def fetch_history(history: list) -> list:
+  """[(step, device metrics)] -> [(step, host metrics)] in one transfer; raises on non-finite.
+
+  The error names the first step whose loss or gradient norm was not finite.
+  """
   fetched = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  for step, metrics in fetched:
+    bad = [k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
+    if bad:
+      raise FloatingPointError(
+          f"Non-finite {' and '.join(bad)} at step {step} ({', '.join(f'{k}={metrics[k]}' for k in bad)}). "
+          "No checkpoint was written from this state; the last good one stays the latest. "
+          "Lower config.optim.learning_rate or check the data.")
+  return fetched
+
+
+def mean_metrics(fetched: list) -> dict:
+  return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
+
+
+def save_every_steps(ckpt_config, steps_per_epoch: int) -> int:
+  if ckpt_config.every_steps > 0:
+    return int(ckpt_config.every_steps)
+  return max(1, int(round(ckpt_config.every_epochs * steps_per_epoch)))
 
 
 def run(config, workdir: str) -> dict:
-  """Trains config's model on config's data; returns the final eval metrics."""
+  """Trains config's model on config's data, resuming from workdir's checkpoints if any.
+
+  Returns the results written to results.json; on SIGTERM / SIGINT it saves and returns
+  {"preempted": True, ...} instead.
+  """
   start_time = time.time()
   config_lib.check_config(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
@@ -109,7 +143,6 @@ def run(config, workdir: str) -> dict:
         f"training examples of {train_source.name}; lower it.")
   steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
   num_steps = total_train_steps(config, steps_per_epoch)
-  eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
 
   reporter = report.Reporter(workdir, num_steps, enabled=is_main)
   reporter.log(
@@ -120,14 +153,14 @@ def run(config, workdir: str) -> dict:
   model = models.create_model(config.model, config.data.num_classes)
   schedule = optim.create_schedule(config.optim, config.batch_size, num_steps, steps_per_epoch)
   tx = optim.create_optimizer(config.optim, schedule)
-  state, state_shardings = create_train_state(model, tx, config, mesh)
+  abstract_state, state_shardings = train_state_shapes(model, tx, config, mesh)
 
   compile_start = time.time()
   train_step = compile_train_step(
       steps.make_train_step(model, config.data, config.optim, schedule),
-      state, state_shardings, mesh, config)
+      abstract_state, state_shardings, mesh, config)
   eval_step = compile_eval_step(
-      steps.make_eval_step(model, config.data), state, state_shardings, mesh, config)
+      steps.make_eval_step(model, config.data), abstract_state, state_shardings, mesh, config)
   compile_seconds = time.time() - compile_start
   reporter.log(f"Compiled train and eval steps in {compile_seconds:.1f}s.")
 
@@ -137,7 +170,7 @@ def run(config, workdir: str) -> dict:
   batches = iter(pipeline.prefetch_to_device(
       train_dataset, sharding.batch_sharding(mesh), config.data.prefetch_batches))
 
-  def run_eval(step):
+  def run_eval(state, step):
     results = evaluate(eval_step, state, eval_dataset, mesh, config.data.prefetch_batches)
     reporter.write(step, "eval", results)
     reporter.log(f"eval at step {step}: loss {results['loss']:.4f} | accuracy "
@@ -145,35 +178,80 @@ def run(config, workdir: str) -> dict:
                  f"({int(results['num_examples'])} examples)")
     return results
 
-  history = []
-  train_start = last_log_time = time.time()
-  last_log_step = 0
-  for step in range(1, num_steps + 1):
-    state, metrics = train_step(state, next(batches))
-    history.append(metrics)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      summary = mean_metrics(history)  # the only host sync between log steps
-      history = []
-      if not math.isfinite(summary["loss"]):
-        raise FloatingPointError(
-            f"Loss became {summary['loss']} by step {step} (mean over steps "
-            f"{last_log_step + 1}-{step}). Lower config.optim.learning_rate or check the data.")
-      now = time.time()
-      summary["images_per_sec"] = (step - last_log_step) * config.batch_size / (now - last_log_time)
-      summary["epoch"] = step / steps_per_epoch
-      eta = (now - train_start) / step * (num_steps - step)
-      reporter.write(step, "train", summary)
-      reporter.progress(step, summary, eta)
-      last_log_time, last_log_step = now, step
-    if eval_every and step % eval_every == 0 and step != num_steps:
-      run_eval(step)
+  checkpointer = checkpoint.Checkpointer(
+      workdir, config.checkpoint, save_every_steps(config.checkpoint, steps_per_epoch),
+      checkpoint.run_metadata(config))
+  try:
+    # Resume from the latest checkpoint, or initialize.
+    state, start_step = None, 0
+    if config.checkpoint.resume:
+      state, start_step, data_restored = checkpoint.restore_latest(
+          checkpointer, abstract_state, batches, reporter.log)
+    if state is not None:
+      if not data_restored:
+        # The saved position does not fit this run: restart the data at the next epoch.
+        next_epoch = -(-start_step // steps_per_epoch)
+        grain.experimental.set_next_index(batches, next_epoch * steps_per_epoch)
+      reporter.log(f"Resumed from {checkpointer.step_dir(start_step)} (step {start_step}), "
+                   + ("data position included." if data_restored else
+                      "data restarted at the next epoch."))
+    else:
+      state, _ = create_train_state(model, tx, config, mesh)
+    reporter.truncate_after(start_step)
 
-  train_seconds = time.time() - train_start
-  final = run_eval(num_steps)
+    # Train.
+    eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
+    history = []  # (step, device metrics) since the last log step
+    train_start = last_log_time = time.time()
+    last_log_step = start_step
+    with preemption.PreemptionGuard(config.checkpoint.preemption_check_steps) as guard:
+      for step in range(start_step + 1, num_steps + 1):
+        state, metrics = train_step(state, next(batches))
+        history.append((step, metrics))
+        if step % config.log_every_steps == 0 or step == num_steps:
+          fetched = fetch_history(history)  # the only host sync between log steps
+          history = []
+          summary = mean_metrics(fetched)
+          now = time.time()
+          summary["images_per_sec"] = ((step - last_log_step) * config.batch_size /
+                                       (now - last_log_time))
+          summary["epoch"] = step / steps_per_epoch
+          eta = (now - train_start) / (step - start_step) * (num_steps - step)
+          reporter.write(step, "train", summary)
+          reporter.progress(step, summary, eta)
+          last_log_time, last_log_step = now, step
+        eval_results = None
+        if eval_every and step % eval_every == 0 and step != num_steps:
+          eval_results = run_eval(state, step)
+        stop = guard.should_stop(step)
+        if (checkpointer.should_save(step, num_steps) or stop
+            or (eval_results and config.checkpoint.best_metric)):
+          fetch_history(history)  # never save a non-finite state
+          blocked = checkpointer.save(step, state, batches, metrics=eval_results)
+          reporter.write(step, "checkpoint", {"save_blocked_seconds": blocked})
+        if stop:
+          checkpointer.wait()
+          reporter.log(f"Stopped by {guard.received} after step {step}; saved "
+                       f"{checkpointer.step_dir(step)}. Run the same command to resume.")
+          reporter.close()
+          return {"preempted": True, "step": step, "signal": guard.received}
+    train_seconds = time.time() - train_start
+
+    # Evaluate and export.
+    final = run_eval(state, num_steps)
+    checkpoint.export_variables(checkpoint.export_dir(workdir), state, {
+        "step": num_steps, "model": config.model.to_dict(),
+        "num_classes": config.data.num_classes, "class_names": list(train_source.class_names),
+        "image_size": config.data.image_size, "eval_resize": config.data.eval_resize,
+        "mean": list(config.data.mean), "std": list(config.data.std)})
+  finally:
+    checkpointer.close()  # a pending async save completes even when training failed
+
   results = {
       "step": num_steps,
       "split": config.data.eval_split,
       "eval": final,
+      "resumed_from_step": start_step,
       "train_seconds": train_seconds,
       "compile_seconds": compile_seconds,
       "total_seconds": time.time() - start_time,

@@ -8,17 +8,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_main(workdir, *overrides, devices=8, timeout=600):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, "-m", "jaxcls.main", "--config", str(REPO / "configs/default.py"),
-         "--workdir", str(workdir), *overrides]
-  return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
+from runner import REPO, records, run_main
 
 SMOKE = ("--config.model.name=resnet_tiny", "--config.num_train_steps=6",
          "--config.log_every_steps=3", "--config.batch_size=64", "--config.eval_batch_size=512")
@@ -44,6 +34,8 @@ def test_smoke_run_writes_every_workdir_file(tmp_path):
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   final = json.loads((tmp_path / "eval" / "test_6.json").read_text())
   assert final["num_examples"] == 2000 and 0.0 <= final["accuracy"] <= 1.0
+  assert (tmp_path / "checkpoints" / "6" / "commit_success.txt").exists()
+  assert (tmp_path / "export" / "model.json").exists()
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["eval"] == final and results["step"] == 6
 
@@ -72,8 +64,7 @@ def free_port():
 
 
 def train_losses(workdir):
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [r["loss"] for r in records if r["split"] == "train"]
+  return [r["loss"] for r in records(workdir)]
 
 
 def test_two_processes_match_one_process(tmp_path):

@@ -1,0 +1,52 @@
+"""SIGTERM / SIGINT: finish the current step, save, and exit cleanly, on every process alike.
+
+A signal only sets a flag. With one process the loop checks the flag after every step. With
+several, each may get the signal at a different step, so they compare flags every
+`check_every_steps` steps (one tiny all-gather) and all stop at the same step: they save the
+same checkpoint and none waits forever for a peer that already left.
+"""
+
+import signal
+import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+class PreemptionGuard:
+  """Catches SIGTERM and SIGINT while active; a second SIGINT interrupts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, check_every_steps: int):
+    self.check_every_steps = max(1, int(check_every_steps))
+    self.received = None  # the signal's name once one arrived
+    self._previous = {}
+
+  def __enter__(self):
+    # Signal handlers can only be set from the main thread (not, e.g., in a worker thread).
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+    self.received = signal.Signals(signum).name
+
+  def should_stop(self, step: int) -> bool:
+    """True on the step every process stops at (the same step on all of them)."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    if step % self.check_every_steps:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    return bool(np.any(flags))
