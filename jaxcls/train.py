@@ -231,7 +231,8 @@ def run(config, workdir: str) -> dict:
           reporter.write(step, "checkpoint", {"save_blocked_seconds": blocked})
         if stop:
           checkpointer.wait()
-          reporter.log(f"Stopped by {guard.received} after step {step}; saved "
+          reporter.log(f"Stopped by {guard.received or 'a signal to another process'} after "
+                       f"step {step}; saved "
                        f"{checkpointer.step_dir(step)}. Run the same command to resume.")
           reporter.close()
           return {"preempted": True, "step": step, "signal": guard.received}

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -31,6 +32,20 @@ def start_main(workdir, *overrides, devices=8):
   """A running main with stdout piped line by line (stderr merged)."""
   return subprocess.Popen(main_command(workdir, *overrides), env=main_env(devices), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(workdir, *overrides, num_processes=2, devices=4):
+  """One run as num_processes processes on loopback, each with `devices` CPU devices."""
+  port = free_port()
+  return [start_main(workdir, *overrides, f"--coordinator_address=127.0.0.1:{port}",
+                     f"--num_processes={num_processes}", f"--process_id={i}", devices=devices)
+          for i in range(num_processes)]
 
 
 def records(workdir, split="train"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxcls import checkpoint
-from runner import losses_by_step, run_main, start_main
+from runner import losses_by_step, run_main, start_main, start_processes
 
 STEPS = 24
 RUN = ("--config.model.name=resnet_tiny", "--config.model.width=8",
@@ -175,3 +175,27 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
     for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
       assert leaf.sharding == sharding
       assert len(leaf.sharding.device_set) == len(devices)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  run = (*RUN, "--config.checkpoint.preemption_check_steps=2")
+  procs = start_processes(tmp_path, *run)
+  wait_for_line(procs[0], f"step 10/{STEPS}")
+  procs[1].send_signal(signal.SIGTERM)  # only one process hears it
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "Stopped by a signal to another process" in outputs[0]
+  stopped_at = completed_steps(tmp_path)[-1]
+  assert stopped_at % 2 == 0 and 10 <= stopped_at < STEPS  # a common check step
+  state_dir = tmp_path / "checkpoints" / str(stopped_at)
+  assert (state_dir / "commit_success.txt").exists()
+  assert sorted(p.name for p in (state_dir / "data").glob("process_*")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+
+  procs = start_processes(tmp_path, *RUN)
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert f"(step {stopped_at}), data position included" in outputs[0]
+  assert f"step {STEPS}/{STEPS}" in outputs[0]
