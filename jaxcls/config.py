@@ -17,18 +17,38 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Data: see jaxcls/data/. Images reach the device as uint8 and are normalized there.
   config.data = ml_collections.ConfigDict()
+  # Sources (README "Bringing your data"): 'bundled', 'npz', 'image_folder', 'tfds',
+  # 'array_record' (written by `python -m jaxcls.data.convert`) or 'synthetic'.
   config.data.source = "bundled"  # registry key in jaxcls.data.sources
-  config.data.path = ""  # directory or file for sources that read one
+  config.data.path = ""  # the data's directory; for 'tfds' the data_dir ('' = TFDS's default)
   config.data.train_split = "train"
   config.data.eval_split = "test"
+  config.data.eval_path = ""  # image_folder: eval root with the same class folders as path
+  config.data.eval_fraction = 0.0  # image_folder: > 0 holds out this fraction of each class
+  config.data.eval_fraction_seed = 0  # not config.seed, so every run evaluates the same images
+  config.data.tfds_name = ""  # tfds: e.g. 'cifar10', 'imagenet2012'
+  config.data.tfds_image_key = "image"  # tfds: feature names of the image and the ClassLabel
+  config.data.tfds_label_key = "label"
+  config.data.skip_corrupt = False  # True: decode all once up front, drop and list bad images
+  config.data.max_corrupt_fraction = 0.01  # with skip_corrupt: more bad images is an error
   config.data.num_classes = 10
   config.data.image_size = 32
+  # Augmentation: crop, then optional policies, on the host; mixing on the device.
   config.data.train_augment = "pad_crop_flip"  # or 'random_resized_crop_flip' or 'none'
   config.data.crop_padding = 4
+  config.data.auto_augment = "none"  # or 'randaugment' or 'trivialaugment', after the crop
+  config.data.randaugment_num_ops = 2
+  config.data.randaugment_magnitude = 9.0  # 0-10; 10 is each operation's maximum
+  config.data.random_erasing = 0.0  # probability of replacing a random rectangle with noise
+  config.data.mixup_alpha = 0.0  # > 0: mixup with lambda ~ Beta(alpha, alpha), per batch
+  config.data.cutmix_alpha = 0.0  # > 0: cutmix; with mixup too, each batch picks one (50/50)
+  config.data.mix_prob = 1.0  # fraction of batches mixed when an alpha is > 0
   config.data.eval_resize = 32  # shorter side before the center crop (ImageNet: 256 for 224)
   config.data.mean = (0.4914, 0.4822, 0.4465)  # in [0, 1], per RGB channel
   config.data.std = (0.2470, 0.2435, 0.2616)
-  config.data.num_workers = 0  # grain worker processes; 0 decodes in the main process
+  # grain worker processes that decode and augment; 0 works in the main process (in threads);
+  # -1 picks from the cores: 0 on a machine with 4 or fewer, else cores - 2 (at most 32).
+  config.data.num_workers = -1
   config.data.prefetch_batches = 2  # batches kept ready ahead of the step
   config.data.synthetic_size = 10_000  # examples of the 'synthetic' source
 
@@ -144,6 +164,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     raise ConfigError(
         f"config.data.train_augment={config.data.train_augment!r} is not known; use one of "
         f"{', '.join(transforms.TRAIN_AUGMENTS)}.")
+  _check_data(config.data)
   if config.optim.schedule not in optim.SCHEDULES:
     raise ConfigError(f"config.optim.schedule={config.optim.schedule!r} is not known; use one "
                       f"of {', '.join(optim.SCHEDULES)}.")
@@ -160,3 +181,25 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
   for key in ("mean", "std"):
     if len(config.data[key]) != 3:
       raise ConfigError(f"config.data.{key} needs 3 values (R, G, B), got {config.data[key]}.")
+
+
+def _check_data(data) -> None:
+  from jaxcls.data import augment  # pylint: disable=g-import-not-at-top
+
+  if data.auto_augment not in augment.AUTO_AUGMENTS:
+    raise ConfigError(f"config.data.auto_augment={data.auto_augment!r} is not known; use one "
+                      f"of {', '.join(augment.AUTO_AUGMENTS)}.")
+  ranges = {"eval_fraction": (0.0, 1.0, False), "max_corrupt_fraction": (0.0, 1.0, True),
+            "random_erasing": (0.0, 1.0, True), "mix_prob": (0.0, 1.0, True),
+            "randaugment_magnitude": (0.0, 10.0, True)}
+  for key, (low, high, closed) in ranges.items():
+    value = data[key]
+    if not (low <= value <= high if closed else low <= value < high):
+      raise ConfigError(f"config.data.{key}={value} must be in [{low}, {high}"
+                        f"{']' if closed else ')'}.")
+  for key in ("mixup_alpha", "cutmix_alpha", "randaugment_num_ops"):
+    if data[key] < 0:
+      raise ConfigError(f"config.data.{key}={data[key]} must not be negative.")
+  if data.num_workers < -1:
+    raise ConfigError(f"config.data.num_workers={data.num_workers}: use -1 (from the cores), "
+                      "0 (no worker processes) or a count.")

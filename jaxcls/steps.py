@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from jaxcls.data import mixing
+
 
 class TrainState(train_state.TrainState):
   """params + optimizer state (from flax) plus the BatchNorm running statistics."""
@@ -25,7 +27,8 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-  targets = jax.nn.one_hot(labels, num_classes)
+  # Integer labels, or soft targets [B, K] (mixup / cutmix).
+  targets = labels if labels.ndim == logits.ndim else jax.nn.one_hot(labels, num_classes)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits, targets)
@@ -38,13 +41,19 @@ def top_k_correct(logits, labels, k: int) -> jax.Array:
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def make_train_step(model, data_config, optim_config, schedule):
-  """Builds train_step(state, batch) -> (state, metrics); metrics are device scalars."""
+def make_train_step(model, data_config, optim_config, schedule, seed: int = 0):
+  """Builds train_step(state, batch) -> (state, metrics); metrics are device scalars.
+
+  `seed` seeds mixup / cutmix.
+  """
   num_classes = data_config.num_classes
   mean, std = tuple(data_config.mean), tuple(data_config.std)
   label_smoothing = float(optim_config.label_smoothing)
 
   def train_step(state: TrainState, batch):
+    if mixing.enabled(data_config):  # a new mixup / cutmix draw every step
+      rng = jax.random.fold_in(jax.random.key(seed), state.step)
+      batch = mixing.mix_train_batch(rng, batch, data_config)
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
 
@@ -52,7 +61,8 @@ def make_train_step(model, data_config, optim_config, schedule):
       logits, updates = state.apply_fn(
           {"params": params, "batch_stats": state.batch_stats}, images, train=True,
           mutable=["batch_stats"])
-      loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+      loss = cross_entropy(logits, batch.get("target", labels), num_classes,
+                           label_smoothing).mean()
       return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

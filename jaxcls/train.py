@@ -15,7 +15,7 @@ import numpy as np
 from jaxcls import checkpoint
 from jaxcls import config as config_lib
 from jaxcls import models, optim, preemption, report, sharding, steps
-from jaxcls.data import pipeline, sources
+from jaxcls.data import corrupt, pipeline, sources
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -141,6 +141,9 @@ def run(config, workdir: str) -> dict:
     raise config_lib.ConfigError(
         f"config.batch_size={config.batch_size} is larger than the {len(train_source)} "
         f"training examples of {train_source.name}; lower it.")
+  if is_main:  # with config.data.skip_corrupt: the images left out, and why
+    corrupt.write_skip_report(
+        workdir, {config.data.train_split: train_source, config.data.eval_split: eval_source})
   steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
   num_steps = total_train_steps(config, steps_per_epoch)
 
@@ -157,7 +160,7 @@ def run(config, workdir: str) -> dict:
 
   compile_start = time.time()
   train_step = compile_train_step(
-      steps.make_train_step(model, config.data, config.optim, schedule),
+      steps.make_train_step(model, config.data, config.optim, schedule, seed=config.seed),
       abstract_state, state_shardings, mesh, config)
   eval_step = compile_eval_step(
       steps.make_eval_step(model, config.data), abstract_state, state_shardings, mesh, config)

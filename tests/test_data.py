@@ -13,16 +13,17 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from jaxcls.config import base_config
+from jaxcls.data import images
 from jaxcls.data import pipeline
 from jaxcls.data import sources
 from jaxcls.data import transforms
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(dict(
-      source="bundled", path="", train_split="train", eval_split="test", num_classes=10,
-      image_size=32, train_augment="pad_crop_flip", crop_padding=4, eval_resize=32,
-      num_workers=0, prefetch_batches=2, synthetic_size=64))
+  """The base config's data section, no worker processes unless asked."""
+  config = base_config().data
+  config.update(dict(num_workers=0, synthetic_size=64))
   config.update(overrides)
   return config
 
@@ -70,7 +71,7 @@ def test_bundled_source(split, size):
   labels = np.array([source[i]["label"] for i in range(len(source))])
   assert labels.min() >= 0 and labels.max() < 10
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), [size // 10] * 10)
-  image = transforms.decode_image(source[0]["image"])
+  image = images.decode_image(source[0]["image"])
   assert image.shape == (32, 32, 3) and image.dtype == np.uint8
 
 
@@ -126,7 +127,7 @@ def test_npz_source_reads_a_directory(tmp_path):
   source = sources.create_source(data_config(source="npz", path=str(tmp_path),
                                              num_classes=2), "train")
   assert len(source) == 3 and source.class_names == ["a", "b"]
-  assert transforms.decode_image(source[2]["image"]).shape == (4, 4, 3)
+  assert images.decode_image(source[2]["image"]).shape == (4, 4, 3)
 
 
 def test_labels_out_of_range(tmp_path):
@@ -143,7 +144,7 @@ def test_decode_converts_any_mode_to_rgb():
   for mode, fmt in [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG")]:
     buffer = io.BytesIO()
     Image.new(mode, (5, 3)).save(buffer, format=fmt)
-    image = transforms.decode_image(np.frombuffer(buffer.getvalue(), np.uint8))
+    image = images.decode_image(np.frombuffer(buffer.getvalue(), np.uint8))
     assert image.shape == (3, 5, 3) and image.dtype == np.uint8, mode
 
 

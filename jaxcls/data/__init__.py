@@ -1,5 +1,7 @@
-"""Input data: sources (sources.py), per-example transforms (transforms.py), grain pipelines
-(pipeline.py)."""
+"""Input data: sources (sources.py; image_folder.py, tfds_source.py, records.py), decoding
+(images.py), per-example transforms (transforms.py, augment.py), grain pipelines
+(pipeline.py), skip_corrupt (corrupt.py), on-device mixup / cutmix (mixing.py), and the
+ArrayRecord converter (`python -m jaxcls.data.convert`)."""
 
 from jaxcls.data.pipeline import create_eval_dataset
 from jaxcls.data.pipeline import create_train_dataset

@@ -14,12 +14,12 @@ The returned `grain.IterDataset`s give iterators with get_state/set_state, which
 grain.checkpoint saves next to the train state.
 """
 
-import math
-
+from absl import flags
 import grain
 import jax
 import numpy as np
 
+from jaxcls.data import cores
 from jaxcls.data import sources
 from jaxcls.data import transforms
 
@@ -57,16 +57,30 @@ def _process_layout(global_batch_size: int, process_index: int | None,
   return process_index, process_count, global_batch_size // process_count
 
 
+def num_workers(data_config) -> int:
+  """config.data.num_workers, with -1 resolved from this machine's cores.
+
+  A small machine gains little from worker processes: the model needs its cores, and threads
+  already decode in parallel (PIL and OpenCV release the GIL).
+  """
+  if data_config.num_workers >= 0:
+    return data_config.num_workers
+  count = cores.available_cores()
+  return 0 if count <= 4 else min(count - 2, 32)
+
+
 def _to_iter_dataset(ds: grain.MapDataset, data_config) -> grain.IterDataset:
-  """Runs the MapDataset in threads, and in `config.data.num_workers` processes if > 0."""
+  """Runs the MapDataset in threads, and in `num_workers(data_config)` processes if > 0."""
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
                                             prefetch_buffer_size=_READ_BUFFER))
-  if data_config.num_workers > 0:
-    # Workers start with spawn and read absl flags: the entry point needs an
-    # `if __name__ == "__main__":` guard and parsed flags (absl.app.run).
+  workers = num_workers(data_config)
+  if workers > 0:
+    # Workers start with spawn: the entry point needs an `if __name__ == "__main__":` guard.
+    # They also read absl flags, which a notebook or a test never parsed.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data_config.num_workers,
-        per_worker_buffer_size=max(1, data_config.prefetch_batches)))
+        num_workers=workers, per_worker_buffer_size=max(1, data_config.prefetch_batches)))
   return it
 
 

@@ -1,11 +1,13 @@
 """Random-access data sources, chosen by name with `config.data.source`.
 
-Every source has `__len__` and `__getitem__(i) -> {"image": ..., "label": int}` (so grain's
-`MapDataset.source` takes it) plus `class_names`, `num_classes` and `name`. "image" is either
-encoded bytes (a 1-D uint8 array, decoded later in the pipeline) or an already decoded HxWx3
-uint8 array, which the transforms pass through without decoding.
+Every source has `__len__` and `__getitem__(i) -> {"image": ..., "label": int, "id": str}`
+(so grain's `MapDataset.source` takes it) plus `class_names`, `num_classes` and `name`.
+"image" is either encoded bytes (a 1-D uint8 array, decoded later in the pipeline) or an
+already decoded HxWx3 uint8 array, which the transforms pass through without decoding. "id"
+(optional) names the file or record in error messages; decoding drops it.
 
-A new source is a factory `(data_config, split) -> source` added to `SOURCES`.
+A new source is a factory `(data_config, split) -> source` added to `SOURCES`. Sources that
+read files live in their own modules: image_folder.py, tfds_source.py, records.py.
 """
 
 import importlib.resources
@@ -14,6 +16,11 @@ import zlib
 from typing import Any, Callable, Protocol
 
 import numpy as np
+
+from jaxcls.data import corrupt
+from jaxcls.data import image_folder
+from jaxcls.data import records
+from jaxcls.data import tfds_source
 
 _BUNDLED_PREFIX = "cifar10_sample_"
 _BUNDLE_KEYS = ("jpeg", "offsets", "labels", "class_names")
@@ -81,7 +88,8 @@ class EncodedBundleSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     start, end = self._offsets[index], self._offsets[index + 1]
-    return {"image": self._jpeg[start:end], "label": int(self._labels[index])}
+    return {"image": self._jpeg[start:end], "label": int(self._labels[index]),
+            "id": f"{self.name}[{index}]"}
 
   def __repr__(self) -> str:
     return f"EncodedBundleSource({self.name}, n={len(self)})"
@@ -166,11 +174,18 @@ SOURCES: dict[str, Callable[[Any, str], Source]] = {
     "bundled": _bundled,
     "npz": _npz,
     "synthetic": _synthetic,
+    "image_folder": image_folder.create,
+    "tfds": tfds_source.create,
+    "array_record": records.create,
 }
 
 
 def create_source(data_config, split: str) -> Source:
-  """Returns the source `config.data.source` names, for `split`, checked against the config."""
+  """Returns the source `config.data.source` names, for `split`, checked against the config.
+
+  With config.data.skip_corrupt, every example is decoded once first and the ones that fail
+  are left out (see corrupt.py); in a multi-process run every process must call this.
+  """
   if data_config.source not in SOURCES:
     raise ValueError(f"config.data.source={data_config.source!r} is not known; use one of "
                      f"{sorted(SOURCES)}.")
@@ -179,4 +194,6 @@ def create_source(data_config, split: str) -> Source:
     raise ValueError(
         f"config.data.num_classes={data_config.num_classes}, but {source.name} has "
         f"{source.num_classes} classes. Set --config.data.num_classes={source.num_classes}.")
+  if data_config.skip_corrupt:
+    source = corrupt.drop_corrupt(source, data_config.max_corrupt_fraction)
   return source

@@ -1,46 +1,43 @@
 """Per-example decode and augmentation on the host, in numpy and PIL.
 
-Elements are dicts; these transforms change only "image" and keep other keys. Images stay
+Elements are dicts; decoding turns "image" into pixels, checks "label" and drops "id"; the
+other transforms change only "image" and keep other keys. Images stay
 uint8 HxWx3 (RGB): normalization happens on the device, where it is free and the host-to-device
 copy is 4x smaller. Random transforms are grain `RandomMap`s: grain hands each element a
 generator seeded from the pipeline seed and the element's position, so augmentation is
 reproducible and independent of worker count.
 """
 
-import io
 import math
-from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
+
+from jaxcls.data import augment
+from jaxcls.data import images
 
 TRAIN_AUGMENTS = ("pad_crop_flip", "random_resized_crop_flip", "none")
 
 _BILINEAR = Image.Resampling.BILINEAR
 
 
-def decode_image(image: Any) -> np.ndarray:
-  """Encoded bytes (any PIL format and mode) -> RGB uint8 HxWx3; decoded arrays pass through."""
-  if isinstance(image, np.ndarray) and image.ndim == 3:
+def resize_shorter_side(image: np.ndarray, size: int, resample=_BILINEAR) -> np.ndarray:
+  """Resizes (antialiased when shrinking) so that the shorter side is `size`."""
+  h, w = image.shape[:2]
+  if min(h, w) == size:
     return image
-  with Image.open(io.BytesIO(image)) as pil:
-    if pil.mode != "RGB":
-      pil = pil.convert("RGB")
-    return np.asarray(pil)
+  scale = size / min(h, w)
+  new_size = (max(size, round(w * scale)), max(size, round(h * scale)))
+  return np.asarray(Image.fromarray(image).resize(new_size, resample))
 
 
 def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
   """Resizes the shorter side to `resize`, then crops the central size x size square."""
-  h, w = image.shape[:2]
-  if h == w == size:
+  if image.shape[0] == image.shape[1] == size:
     return image
-  resize = max(resize, size)
-  if min(h, w) != resize:
-    scale = resize / min(h, w)
-    new_w, new_h = max(resize, round(w * scale)), max(resize, round(h * scale))
-    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), _BILINEAR))
-    h, w = new_h, new_w
+  image = resize_shorter_side(image, max(resize, size))
+  h, w = image.shape[:2]
   top, left = (h - size) // 2, (w - size) // 2
   return image[top:top + size, left:left + size]
 
@@ -93,11 +90,30 @@ def random_resized_crop_flip(image: np.ndarray, size: int, rng: np.random.Genera
 
 
 class Decode(grain.transforms.Map):
-  """Decodes "image" and makes "label" int32."""
+  """Decodes "image" (see images.decode_image), checks "label" and makes it int32.
+
+  A label outside [0, num_classes) is an error here: one_hot on the device would turn it into
+  an all-zero target without a word.
+  """
+
+  def __init__(self, num_classes: int):
+    self.num_classes = num_classes
 
   def map(self, element):
-    return {**element, "image": decode_image(element["image"]),
-            "label": np.int32(element["label"])}
+    element = dict(element)
+    name = element.pop("id", None)
+    label = int(element["label"])
+    if not 0 <= label < self.num_classes:
+      raise ValueError(f"{name or 'An example'} has label {label}, outside [0, "
+                       f"{self.num_classes}) (config.data.num_classes={self.num_classes}).")
+    try:
+      element["image"] = images.decode_image(element["image"], name)
+    except images.CorruptImageError as e:
+      raise images.CorruptImageError(
+          f"{e}. To leave out (and list) the images that do not decode, set "
+          "config.data.skip_corrupt=True.") from None
+    element["label"] = np.int32(label)
+    return element
 
 
 class ResizeCenterCrop(grain.transforms.Map):
@@ -132,19 +148,32 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
 
 
 def eval_transforms(data_config) -> list[grain.transforms.Map]:
-  return [Decode(), ResizeCenterCrop(data_config.image_size, data_config.eval_resize)]
+  return [Decode(data_config.num_classes),
+          ResizeCenterCrop(data_config.image_size, data_config.eval_resize)]
+
+
+def _crop(data_config) -> list:
+  """Decode and the crop `config.data.train_augment` names: size x size images."""
+  size = data_config.image_size
+  crop = data_config.train_augment
+  if crop == "pad_crop_flip":
+    # Images not already size x size are first fitted to it (a no-op for CIFAR).
+    return [Decode(data_config.num_classes), ResizeCenterCrop(size, size),
+            PadCropFlip(size, data_config.crop_padding)]
+  if crop == "random_resized_crop_flip":
+    return [Decode(data_config.num_classes), RandomResizedCropFlip(size)]
+  if crop == "none":  # What eval sees.
+    return eval_transforms(data_config)
+  raise ValueError(f"config.data.train_augment={crop!r} is not known; use one of "
+                   f"{list(TRAIN_AUGMENTS)}.")
 
 
 def train_transforms(data_config) -> list:
-  """The transforms `config.data.train_augment` names, decode first."""
-  size = data_config.image_size
-  augment = data_config.train_augment
-  if augment == "pad_crop_flip":
-    # Images not already size x size are first fitted to it (a no-op for CIFAR).
-    return [Decode(), ResizeCenterCrop(size, size), PadCropFlip(size, data_config.crop_padding)]
-  if augment == "random_resized_crop_flip":
-    return [Decode(), RandomResizedCropFlip(size)]
-  if augment == "none":  # What eval sees.
-    return eval_transforms(data_config)
-  raise ValueError(f"config.data.train_augment={augment!r} is not known; use one of "
-                   f"{list(TRAIN_AUGMENTS)}.")
+  """Decode, crop (config.data.train_augment), then the optional policies on the crop."""
+  ts = _crop(data_config)
+  if data_config.auto_augment != "none":
+    ts.append(augment.AutoAugment(data_config.auto_augment, data_config.randaugment_num_ops,
+                                  data_config.randaugment_magnitude))
+  if data_config.random_erasing > 0:
+    ts.append(augment.RandomErasing(data_config.random_erasing))
+  return ts
