@@ -106,21 +106,21 @@ def convert(src: str, dst: str, split: str | None = None, *, resize: int = 0,
     os.unlink(meta_path)
 
   num_shards = min(n, num_shards or math.ceil(n / _EXAMPLES_PER_SHARD))
-  starts = [k * n // num_shards for k in range(num_shards)]
   shards = [records.shard_name(split, k, num_shards) for k in range(num_shards)]
+  shard_starts = {k * n // num_shards: k for k in range(num_shards)}  # first index -> shard
   workers = cores.available_cores() if workers < 0 else workers
   counts = np.zeros(source.num_classes, np.int64)
   skipped = []
   writer = None
   try:
-    with _results(src, n, resize, quality, workers) as results:
+    with _Results(src, n, resize, quality, workers) as results:
       for index, (label, name, data, reason) in enumerate(
           tqdm.tqdm(results, total=n, desc=f"{split} -> {dst}", unit="img", disable=not progress,
                     file=sys.stderr)):
-        if index in starts:
+        if index in shard_starts:
           if writer:
             writer.close()
-          writer = ArrayRecordWriter(os.path.join(dst, shards[starts.index(index)]),
+          writer = ArrayRecordWriter(os.path.join(dst, shards[shard_starts[index]]),
                                      records.WRITER_OPTIONS)
         if reason is not None:
           if not skip_corrupt:
@@ -159,7 +159,7 @@ def convert(src: str, dst: str, split: str | None = None, *, resize: int = 0,
   return meta
 
 
-class _results:
+class _Results:
   """Context manager: the _prepare results in index order, from a process pool if workers > 0."""
 
   def __init__(self, src, n, resize, quality, workers):

@@ -5,9 +5,9 @@ dropped, as torchvision's ImageFolder does), CMYK and 16-bit images are converte
 values scaled (not clipped) to 8 bits, and the EXIF orientation applied. A file that cannot
 be decoded raises `CorruptImageError` naming it and the reason.
 
-Complete JPEGs (the common case) decode with OpenCV, 2-3x faster than PIL and pixel-identical
-to it for RGB and grayscale JPEGs; everything else, truncated JPEGs included (OpenCV would
-return them grey-filled without an error), goes through PIL.
+Complete JPEGs (the common case) decode with OpenCV, pixel-identical to PIL for RGB and
+grayscale JPEGs and 1.6x (500x375) to 4x (32x32) faster; everything else goes through PIL,
+truncated JPEGs included (some OpenCV versions decode those grey-filled, with only a warning).
 """
 
 import io
