@@ -61,13 +61,26 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.bn_momentum = 0.9
 
   # Devices: named mesh axes; -1 takes the remaining devices. The global batch is split over
-  # data x fsdp; parameters and optimizer state are split over fsdp.
+  # data x fsdp; the train state over fsdp as zero_stage says, and over model (tensor
+  # parallel: output channels of large kernels). See jaxcls/sharding.py.
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.fsdp = 1
+  config.mesh.model = 1  # devices of one group see the same examples; keep it within a host
+  # ZeRO stage over fsdp: 0 all replicated, 1 optimizer state split, 2 gradients too
+  # (reduce-scatter), 3 parameters too (FSDP). No effect while fsdp is 1.
+  config.mesh.zero_stage = 3
   config.mesh.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
+  # Per-array overrides of the split, first match wins: (("regex on 'a/b/kernel'", spec), ...)
+  # where spec has one entry per dimension: None, an axis name or a tuple of names;
+  # () keeps the array replicated. Optimizer state and gradients follow their parameter.
+  config.mesh.rules = ()
 
   config.batch_size = 256  # global, over all processes and devices
+  # Micro-batches per step, run one after another inside the step: the update sees the
+  # whole batch_size, the activations take the memory of batch_size / grad_accum_steps.
+  # BatchNorm normalizes each micro-batch by its own statistics (see README).
+  config.grad_accum_steps = 1
   config.eval_batch_size = 512  # global; the last batch is padded and masked
   config.num_epochs = 10.0
   config.num_train_steps = -1  # > 0 overrides num_epochs
@@ -99,6 +112,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.restart_data_on_mismatch = False  # see checkpoint.DATA_KEYS
   config.checkpoint.preemption_check_steps = 10  # multi-process: steps between flag checks
 
+  # Multi-process runs (jaxcls/distributed.py): explicit values here or the command-line
+  # flags win, then JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, then the
+  # launcher's variables (torchrun style), then JAX's cluster detection.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""  # host:port of process 0
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+  config.distributed.timeout_seconds = 300  # stop with an error if peers are not all there
+  config.distributed.cluster_detection = "auto"  # 'auto' (see distributed.py), 'jax', 'off'
+
   config.log_every_steps = 50
   config.eval_every_epochs = 0.0  # 0: evaluate only at the end
   return config
@@ -129,6 +152,43 @@ def check_known_keys(config) -> None:
                         "Known keys are listed in jaxcls/config.py.")
 
 
+def check_parallelism(config, mesh_sizes: dict, num_devices: int, process_count: int) -> None:
+  """ZeRO stage, sharding rules, gradient accumulation, model axis and distributed keys."""
+  from jaxcls import distributed, sharding  # they import JAX
+
+  if config.mesh.zero_stage not in sharding.ZERO_STAGES:
+    raise ConfigError(f"config.mesh.zero_stage={config.mesh.zero_stage!r}: use 0 (replicated), "
+                      "1 (optimizer state split), 2 (gradients too) or 3 (parameters too).")
+  try:
+    sharding.check_rules(config.mesh.rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  local_devices = num_devices // process_count
+  if local_devices % mesh_sizes["model"]:
+    raise ConfigError(
+        f"config.mesh.model={mesh_sizes['model']} does not divide the {local_devices} devices "
+        "of one process: a model group must stay within one host (its devices share the "
+        "same examples).")
+  accum = config.grad_accum_steps
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f"config.grad_accum_steps={accum!r} must be a positive integer.")
+  batch_shards = math.prod(mesh_sizes[axis] for axis in sharding.BATCH_AXES)
+  if config.batch_size % (accum * batch_shards):
+    multiple = accum * batch_shards
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} does not split into {accum} micro-batches "
+        f"(config.grad_accum_steps) over the {batch_shards} data-parallel devices. Use a "
+        f"multiple of {multiple}, e.g. --config.batch_size="
+        f"{max(multiple, config.batch_size // multiple * multiple)}.")
+  if config.distributed.cluster_detection not in distributed.CLUSTER_DETECTION:
+    raise ConfigError(
+        f"config.distributed.cluster_detection={config.distributed.cluster_detection!r}: use "
+        f"one of {', '.join(distributed.CLUSTER_DETECTION)}.")
+  if config.distributed.timeout_seconds <= 0:
+    raise ConfigError(f"config.distributed.timeout_seconds="
+                      f"{config.distributed.timeout_seconds} must be positive.")
+
+
 def check_config(config, num_devices: int, process_count: int = 1) -> None:
   """Everything that can be checked from the config and the device count alone."""
   # Imported here: the registries live with their modules, which import JAX.
@@ -152,6 +212,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
           f"{batch_shards}, e.g. --config.{key}={max(batch_shards, size // batch_shards * batch_shards)}.")
     if size % process_count:
       raise ConfigError(f"config.{key}={size} is not divisible by the {process_count} processes.")
+  check_parallelism(config, mesh_sizes, num_devices, process_count)
   try:
     models.validate_model_config(config.model)
   except ValueError as e:

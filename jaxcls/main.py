@@ -13,6 +13,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (a .py with get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, logs and results.")
+# Multi-process runs: these override config.distributed.*; without them the environment
+# or JAX's cluster detection decide (see jaxcls/distributed.py).
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0, for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run.")
@@ -40,7 +42,15 @@ def main(argv):
   from jaxcls import distributed, train
 
   logging.set_verbosity(logging.WARNING)
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = _CONFIG.value
+  try:
+    config_lib.check_known_keys(config)  # before config.distributed is read
+    distributed.initialize(config.distributed, _COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  except ValueError as e:  # inconsistent process settings
+    sys.exit(f"error: {e}")
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:

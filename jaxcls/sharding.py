@@ -1,18 +1,32 @@
 """Device mesh and shardings: which device holds which part of the batch and the train state.
 
-Axes: 'data' splits the batch; 'fsdp' splits the batch too and, in addition, the large
-parameters and their optimizer state (ZeRO-3 / FSDP style: XLA gathers a kernel where it is
-used and reduce-scatters its gradient).
+Axes:
+  'data'   splits the batch.
+  'fsdp'   splits the batch too and, by the ZeRO stage (config.mesh.zero_stage), the train
+           state: 0 nothing (plain data parallel), 1 optimizer state, 2 optimizer state and
+           gradients (reduce-scattered), 3 also parameters (FSDP: XLA gathers a kernel where
+           it is used).
+  'model'  splits the output channels of large kernels (tensor parallel); the batch is not
+           split over it, so the devices of one 'model' group see the same examples.
+
+Every large array has one "sharded layout" (by shape, or a regex rule from the config); a
+stage that does not shard a tree uses that layout with 'fsdp' taken out.
 """
 
 import math
+import re
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
+from jaxcls.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "model")
 # The batch dimension is split over every axis that holds a different share of the data.
 BATCH_AXES = ("data", "fsdp")
+ZERO_STAGES = (0, 1, 2, 3)
+# The trees each stage splits over 'fsdp'; batch_stats go with the parameters.
+_STAGE_OF_TREE = {"opt_state": 1, "grads": 2, "params": 3, "batch_stats": 3}
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
@@ -37,8 +51,8 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(
-        f"config.mesh: data x fsdp = {fixed}, but there are {num_devices} devices. Make the "
-        "product equal the device count, or set one axis to -1.")
+        f"config.mesh: data x fsdp x model = {fixed}, but there are {num_devices} devices. "
+        "Make the product equal the device count, or set one axis to -1.")
   return sizes
 
 
@@ -47,6 +61,7 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   sizes = resolve_mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[name] for name in MESH_AXES)
   # Auto axes: shardings are given at jit boundaries and XLA propagates them inside.
+  # 'model' is the last (fastest-varying) axis, so its groups are the closest devices.
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 
@@ -63,28 +78,156 @@ def num_batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
-  """Splits the largest dimension that fsdp_size divides; small arrays stay replicated."""
-  if fsdp_size == 1 or math.prod(shape) < min_size:
+def check_rules(rules) -> None:
+  """Raises ValueError unless rules is a sequence of (regex, spec) pairs naming mesh axes."""
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"config.mesh.rules: {rule!r} is not a (regex, spec) pair.")
+    pattern, spec = rule
+    if not isinstance(spec, (tuple, list)):
+      raise ValueError(f"config.mesh.rules: the spec of {pattern!r} is {spec!r}; give a tuple "
+                       "with one entry per dimension, e.g. (None, 'fsdp'), or () for whole.")
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"config.mesh.rules: bad regex {pattern!r}: {e}.") from None
+    used = []
+    for entry in spec:
+      names = entry if isinstance(entry, (tuple, list)) else (entry,)
+      for name in names:
+        if name is not None and name not in MESH_AXES:
+          raise ValueError(
+              f"config.mesh.rules: {pattern!r} -> {tuple(spec)!r} names axis {name!r}; the "
+              f"axes are {', '.join(MESH_AXES)} (None for a dimension that is not split).")
+        if name is not None and name in used:
+          raise ValueError(
+              f"config.mesh.rules: {pattern!r} -> {tuple(spec)!r} uses axis {name!r} twice.")
+        used.append(name)
+
+
+def _spec_axes(entry) -> tuple:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def sharded_spec(name: str, shape: tuple[int, ...], mesh_shape, min_size: int,
+                 rules=()) -> P:
+  """The layout of one array when its stage shards it.
+
+  The first rule whose regex matches `name` (re.search) decides; otherwise arrays with fewer
+  than min_size elements stay replicated, a kernel's output channels (last dimension) go to
+  'model', and the largest other dimension that 'fsdp' divides goes to 'fsdp' (the later one
+  on a tie).
+  """
+  for pattern, spec in rules:
+    if re.search(pattern, name):
+      spec = tuple(spec)
+      if len(spec) > len(shape):
+        raise ConfigError(f"config.mesh.rules: {pattern!r} -> {spec!r} has {len(spec)} "
+                          f"entries, but {name} has shape {shape}.")
+      for dim, entry in enumerate(spec):
+        parts = math.prod(mesh_shape[axis] for axis in _spec_axes(entry))
+        if shape[dim] % parts:
+          raise ConfigError(
+              f"config.mesh.rules: {pattern!r} -> {spec!r} splits dimension {dim} of {name} "
+              f"(shape {shape}) into {parts} parts, which does not divide {shape[dim]}.")
+      return P(*(tuple(e) if isinstance(e, list) else e for e in spec))
+  if math.prod(shape) < min_size:
     return P()
-  candidates = [d for d, n in enumerate(shape) if n % fsdp_size == 0]
-  if not candidates:
-    return P()
-  # Largest dimension; on a tie the later one (output channels of a kernel).
-  dim = max(candidates, key=lambda d: (shape[d], d))
   spec = [None] * len(shape)
-  spec[dim] = "fsdp"
+  model, fsdp = mesh_shape["model"], mesh_shape["fsdp"]
+  if model > 1 and len(shape) >= 2 and shape[-1] % model == 0:
+    spec[-1] = "model"
+  if fsdp > 1:
+    candidates = [d for d, n in enumerate(shape) if spec[d] is None and n % fsdp == 0]
+    if candidates:
+      spec[max(candidates, key=lambda d: (shape[d], d))] = "fsdp"
   return P(*spec)
 
 
-def state_shardings(mesh: Mesh, abstract_state, min_size: int):
-  """Shardings for every array leaf of a train state given as shapes (from jax.eval_shape)."""
-  fsdp_size = mesh.shape["fsdp"]
+def without_fsdp(spec: P) -> P:
+  """The same layout, but whole over 'fsdp' (for the trees a stage does not shard)."""
+  entries = []
+  for entry in spec:
+    axes = tuple(axis for axis in _spec_axes(entry) if axis != "fsdp")
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*entries)
 
-  def leaf_sharding(leaf):
-    return NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp_size, min_size))
 
-  return jax.tree.map(leaf_sharding, abstract_state)
+def path_name(path) -> str:
+  """'stage1_block1/conv1/kernel' for a pytree key path (what config.mesh.rules match)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+class Layout:
+  """Shardings of the train state and the gradients for a mesh and config.mesh."""
+
+  def __init__(self, mesh: Mesh, mesh_config):
+    self.mesh = mesh
+    self.stage = int(mesh_config.zero_stage)
+    self.min_size = int(mesh_config.fsdp_min_size)
+    self.rules = tuple(mesh_config.rules)
+
+  def spec(self, name: str, shape, tree: str) -> P:
+    spec = sharded_spec(name, tuple(shape), self.mesh.shape, self.min_size, self.rules)
+    return spec if self.stage >= _STAGE_OF_TREE[tree] else without_fsdp(spec)
+
+  def tree_shardings(self, tree, kind: str):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(self.mesh, self.spec(path_name(path), leaf.shape,
+                                                              kind)), tree)
+
+  def opt_state_shardings(self, opt_state, params):
+    """Optimizer state follows its parameter (matched by key path), at the stage's layout.
+
+    A leaf whose path ends with a parameter's path and has its shape (momentum, Adam's
+    moments) takes that parameter's layout, so regex rules reach it; any other leaf (step
+    counts, state of unusual transforms) is laid out by its own shape.
+    """
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+      by_path[path_name(path)] = tuple(leaf.shape)
+
+    def leaf_sharding(path, leaf):
+      name = path_name(path)
+      parts = name.split("/")
+      for start in range(len(parts)):
+        suffix = "/".join(parts[start:])
+        if by_path.get(suffix) == tuple(leaf.shape):
+          name = suffix
+          break
+      return NamedSharding(self.mesh, self.spec(name, leaf.shape, "opt_state"))
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
+
+  def state_shardings(self, abstract_state):
+    """A TrainState of NamedShardings for a TrainState of shapes (from jax.eval_shape)."""
+    return abstract_state.replace(
+        step=replicated(self.mesh),
+        params=self.tree_shardings(abstract_state.params, "params"),
+        opt_state=self.opt_state_shardings(abstract_state.opt_state, abstract_state.params),
+        batch_stats=self.tree_shardings(abstract_state.batch_stats, "batch_stats"))
+
+  def grad_shardings(self, abstract_params):
+    """Where the gradients live before the update: whole over 'fsdp' (all-reduced) below
+    stage 2, in the sharded layout (reduce-scattered) from stage 2 on."""
+    return self.tree_shardings(abstract_params, "grads")
+
+
+def state_shardings(mesh: Mesh, abstract_state, mesh_config):
+  """Shardings for every array of a train state given as shapes (from jax.eval_shape)."""
+  return Layout(mesh, mesh_config).state_shardings(abstract_state)
+
+
+def grad_shardings(mesh: Mesh, abstract_params, mesh_config):
+  return Layout(mesh, mesh_config).grad_shardings(abstract_params)
 
 
 def bytes_per_device(tree) -> dict:
@@ -94,3 +237,12 @@ def bytes_per_device(tree) -> dict:
     for shard in leaf.addressable_shards:
       totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
   return totals
+
+
+def bytes_per_device_from_shardings(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a tree of shapes laid out by shardings (nothing allocated)."""
+  total = 0
+  for leaf, leaf_sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    shard_shape = leaf_sharding.shard_shape(tuple(leaf.shape))
+    total += math.prod(shard_shape) * leaf.dtype.itemsize
+  return total

@@ -1,6 +1,7 @@
 """The pure per-batch functions: train_step and eval_step, and the train state they carry.
 
-They know nothing of meshes or loops: train.py jits them once with explicit shardings.
+They know nothing of meshes or loops: train.py jits them once with explicit shardings (the
+only layout they take is an optional one for the gradients, ZeRO stage 2's reduce-scatter).
 """
 
 from typing import Any
@@ -41,36 +42,93 @@ def top_k_correct(logits, labels, k: int) -> jax.Array:
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def make_train_step(model, data_config, optim_config, schedule, seed: int = 0):
-  """Builds train_step(state, batch) -> (state, metrics); metrics are device scalars.
+def split_micro_batches(batch, num_micro_batches: int):
+  """(B, ...) arrays -> (k, B/k, ...): micro-batch i takes examples i, i+k, i+2k, ...
 
-  `seed` seeds mixup / cutmix.
+  Each device holds a contiguous block of the batch, which this splits evenly among the
+  micro-batches, so every micro-batch is spread over all devices and nothing moves.
+  """
+  k = num_micro_batches
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                      batch)
+
+
+def make_compute_grads(data_config, optim_config, grad_accum_steps: int = 1,
+                       grad_shardings=None):
+  """Builds compute_grads(state, batch) -> (grads, batch_stats, metrics).
+
+  grads is the mean gradient over the batch, summed over grad_accum_steps micro-batches in
+  a scan (the activations of one micro-batch at a time). With grad_shardings (a tree like
+  the params) each micro-batch's gradients are constrained to that layout, which is how
+  ZeRO stage 2 gets its reduce-scatter; without, XLA picks (the parameters' layout).
+  BatchNorm normalizes each micro-batch by its own statistics and updates its running
+  averages once per micro-batch, in order.
   """
   num_classes = data_config.num_classes
   mean, std = tuple(data_config.mean), tuple(data_config.std)
   label_smoothing = float(optim_config.label_smoothing)
+  k = int(grad_accum_steps)
 
-  def train_step(state: TrainState, batch):
-    if mixing.enabled(data_config):  # a new mixup / cutmix draw every step
-      rng = jax.random.fold_in(jax.random.key(seed), state.step)
-      batch = mixing.mix_train_batch(rng, batch, data_config)
+  def constrain(grads):
+    if grad_shardings is None:
+      return grads
+    return jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+  def loss_and_grads(state: TrainState, batch_stats, batch):
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
 
     def loss_fn(params):
       logits, updates = state.apply_fn(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          {"params": params, "batch_stats": batch_stats}, images, train=True,
           mutable=["batch_stats"])
       loss = cross_entropy(logits, batch.get("target", labels), num_classes,
                            label_smoothing).mean()
-      return loss, (logits, updates["batch_stats"])
+      # A model without BatchNorm has no statistics to update.
+      return loss, (logits, updates.get("batch_stats", batch_stats))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    return constrain(grads), batch_stats, metrics
+
+  def compute_grads(state: TrainState, batch):
+    if k == 1:
+      return loss_and_grads(state, state.batch_stats, batch)
+
+    def accumulate(carry, micro_batch):
+      grads_sum, batch_stats = carry
+      grads, batch_stats, metrics = loss_and_grads(state, batch_stats, micro_batch)
+      return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), metrics
+
+    zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
+    (grads_sum, batch_stats), metrics = jax.lax.scan(
+        accumulate, (zeros, state.batch_stats), split_micro_batches(batch, k))
+    # Equal micro-batches: the mean of their means is the mean over the batch.
+    grads = jax.tree.map(lambda g: g / k, grads_sum)
+    return grads, batch_stats, jax.tree.map(jnp.mean, metrics)
+
+  return compute_grads
+
+
+def make_train_step(model, data_config, optim_config, schedule, grad_accum_steps: int = 1,
+                    grad_shardings=None, seed: int = 0):
+  """Builds train_step(state, batch) -> (state, metrics); metrics are device scalars.
+
+  See make_compute_grads for grad_accum_steps and grad_shardings; `seed` seeds mixup / cutmix.
+  """
+  del model  # the state carries apply_fn
+  compute_grads = make_compute_grads(data_config, optim_config, grad_accum_steps,
+                                     grad_shardings)
+
+  def train_step(state: TrainState, batch):
+    if mixing.enabled(data_config):  # a new mixup / cutmix draw every step
+      rng = jax.random.fold_in(jax.random.key(seed), state.step)
+      batch = mixing.mix_train_batch(rng, batch, data_config)
+    grads, batch_stats, metrics = compute_grads(state, batch)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        **metrics,
         "learning_rate": schedule(state.step),
         "grad_norm": optax.tree.norm(grads),
     }

@@ -27,7 +27,7 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
 def train_state_shapes(model, tx, config, mesh):
   """-> (abstract train state with shardings, shardings): shapes only, nothing allocated."""
   abstract_state = jax.eval_shape(_state_initializer(model, tx, config), jax.random.key(0))
-  state_shardings = sharding.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
+  state_shardings = sharding.state_shardings(mesh, abstract_state, config.mesh)
   return checkpoint.abstract_with_shardings(abstract_state, state_shardings), state_shardings
 
 
@@ -160,7 +160,9 @@ def run(config, workdir: str) -> dict:
 
   compile_start = time.time()
   train_step = compile_train_step(
-      steps.make_train_step(model, config.data, config.optim, schedule, seed=config.seed),
+      steps.make_train_step(
+          model, config.data, config.optim, schedule, config.grad_accum_steps,
+          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
       abstract_state, state_shardings, mesh, config)
   eval_step = compile_eval_step(
       steps.make_eval_step(model, config.data), abstract_state, state_shardings, mesh, config)
