@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 50
   config.eval_every_epochs = 0.0  # 0: evaluate only at the end
+  config.eval_top_k = (1, 5)  # top-k accuracies to report (k >= the class count is skipped)
   return config
 
 

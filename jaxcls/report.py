@@ -99,3 +99,20 @@ def write_json(path: str, payload: dict) -> None:
     json.dump(payload, f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def main(argv=None):
+  """`python -m jaxcls.report --workdir DIR`: plots and summary.md in DIR/report/."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description="Draw the report of a jaxcls run.")
+  parser.add_argument("--workdir", required=True)
+  args = parser.parse_args(argv)
+  if not os.path.exists(os.path.join(args.workdir, "metrics.jsonl")):
+    sys.exit(f"error: {args.workdir}/metrics.jsonl does not exist: is it a run's --workdir?")
+  from jaxcls import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to load)
+  for path in plots.write_report(args.workdir):
+    print(path)
+
+
+if __name__ == "__main__":
+  main()

@@ -35,13 +35,6 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def top_k_correct(logits, labels, k: int) -> jax.Array:
-  """1.0 where the label is among the k highest logits (k is clipped to the class count)."""
-  k = min(k, logits.shape[-1])
-  _, top = jax.lax.top_k(logits, k)
-  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-
-
 def split_micro_batches(batch, num_micro_batches: int):
   """(B, ...) arrays -> (k, B/k, ...): micro-batch i takes examples i, i+k, i+2k, ...
 
@@ -138,21 +131,25 @@ def make_train_step(model, data_config, optim_config, schedule, grad_accum_steps
 
 
 def make_eval_step(model, data_config):
-  """Builds eval_step(state, batch) -> sums over the real (mask=True) examples of the batch."""
+  """Builds eval_step(state, batch) -> the batch's loss sum and every example's probabilities.
+
+  Exact metrics (top-k, per-class, ROC-AUC) need each example's scores, so the step returns
+  them with the labels and the padding mask; jaxcls.evaluation gathers and scores them.
+  """
   num_classes = data_config.num_classes
   mean, std = tuple(data_config.mean), tuple(data_config.std)
 
   def eval_step(state: TrainState, batch):
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
-    mask = batch["mask"].astype(jnp.float32)
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    mask = batch["mask"].astype(jnp.float32)
     return {
         "loss": jnp.sum(cross_entropy(logits, labels, num_classes) * mask),
-        "correct": jnp.sum(top_k_correct(logits, labels, 1) * mask),
-        "correct_top5": jnp.sum(top_k_correct(logits, labels, 5) * mask),
-        "count": jnp.sum(mask),
+        "probs": jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+        "label": labels,
+        "mask": batch["mask"],
     }
 
   return eval_step

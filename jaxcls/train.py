@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxcls import checkpoint
 from jaxcls import config as config_lib
-from jaxcls import models, optim, preemption, report, sharding, steps
+from jaxcls import evaluation, metrics, models, optim, plots, preemption, report, sharding, steps
 from jaxcls.data import corrupt, pipeline, sources
 
 
@@ -68,41 +68,17 @@ def compile_train_step(train_step, state, state_shardings, mesh, config):
   return jitted.lower(state, spec).compile()
 
 
-def compile_eval_step(eval_step, state, state_shardings, mesh, config):
-  spec = batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True)
-  batch_shardings = jax.tree.map(lambda s: s.sharding, spec)
-  jitted = jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=sharding.replicated(mesh))
-  return jitted.lower(state, spec).compile()
-
-
-def evaluate(eval_step, state, eval_dataset, mesh, depth: int) -> dict:
-  """One exact pass over the eval split: sums stay on the device until the end."""
-  totals = None
-  for batch in pipeline.prefetch_to_device(eval_dataset, sharding.batch_sharding(mesh), depth):
-    sums = eval_step(state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = float(totals["count"])
-  return {
-      "loss": float(totals["loss"]) / count,
-      "accuracy": float(totals["correct"]) / count,
-      "top5_accuracy": float(totals["correct_top5"]) / count,
-      "num_examples": count,
-  }
-
-
 def fetch_history(history: list) -> list:
   """[(step, device metrics)] -> [(step, host metrics)] in one transfer; raises on non-finite.
 
   The error names the first step whose loss or gradient norm was not finite.
   """
   fetched = jax.device_get(history)
-  for step, metrics in fetched:
-    bad = [k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
+  for step, values in fetched:
+    bad = [k for k in ("loss", "grad_norm") if k in values and not np.isfinite(values[k])]
     if bad:
       raise FloatingPointError(
-          f"Non-finite {' and '.join(bad)} at step {step} ({', '.join(f'{k}={metrics[k]}' for k in bad)}). "
+          f"Non-finite {' and '.join(bad)} at step {step} ({', '.join(f'{k}={values[k]}' for k in bad)}). "
           "No checkpoint was written from this state; the last good one stays the latest. "
           "Lower config.optim.learning_rate or check the data.")
   return fetched
@@ -141,6 +117,9 @@ def run(config, workdir: str) -> dict:
     raise config_lib.ConfigError(
         f"config.batch_size={config.batch_size} is larger than the {len(train_source)} "
         f"training examples of {train_source.name}; lower it.")
+  if is_main:  # for predict and reports: the names behind the label indices
+    report.write_json(os.path.join(workdir, "classes.json"),
+                      {"class_names": list(train_source.class_names)})
   if is_main:  # with config.data.skip_corrupt: the images left out, and why
     corrupt.write_skip_report(
         workdir, {config.data.train_split: train_source, config.data.eval_split: eval_source})
@@ -164,8 +143,9 @@ def run(config, workdir: str) -> dict:
           model, config.data, config.optim, schedule, config.grad_accum_steps,
           sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
       abstract_state, state_shardings, mesh, config)
-  eval_step = compile_eval_step(
-      steps.make_eval_step(model, config.data), abstract_state, state_shardings, mesh, config)
+  eval_step = evaluation.compile_eval_step(
+      steps.make_eval_step(model, config.data), abstract_state, state_shardings, mesh,
+      batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True))
   compile_seconds = time.time() - compile_start
   reporter.log(f"Compiled train and eval steps in {compile_seconds:.1f}s.")
 
@@ -176,12 +156,16 @@ def run(config, workdir: str) -> dict:
       train_dataset, sharding.batch_sharding(mesh), config.data.prefetch_batches))
 
   def run_eval(state, step):
-    results = evaluate(eval_step, state, eval_dataset, mesh, config.data.prefetch_batches)
-    reporter.write(step, "eval", results)
-    reporter.log(f"eval at step {step}: loss {results['loss']:.4f} | accuracy "
-                 f"{results['accuracy']:.4f} | top-5 {results['top5_accuracy']:.4f} "
-                 f"({int(results['num_examples'])} examples)")
-    return results
+    result = evaluation.evaluate(eval_step, state, eval_dataset, mesh, eval_source.class_names,
+                                 tuple(config.eval_top_k), config.data.prefetch_batches)
+    evaluation.write_result(workdir, config.data.eval_split, step, result)
+    scalars = metrics.scalar_summary(result)
+    reporter.write(step, "eval", scalars)
+    shown = ("loss", "accuracy", "top5_accuracy", "f1_macro", "roc_auc_macro")
+    reporter.log(f"eval at step {step}: " + " | ".join(
+        f"{k} {scalars[k]:.4f}" for k in shown if k in scalars)
+        + f" ({result['num_examples']} examples)")
+    return scalars
 
   checkpointer = checkpoint.Checkpointer(
       workdir, config.checkpoint, save_every_steps(config.checkpoint, steps_per_epoch),
@@ -211,8 +195,8 @@ def run(config, workdir: str) -> dict:
     last_log_step = start_step
     with preemption.PreemptionGuard(config.checkpoint.preemption_check_steps) as guard:
       for step in range(start_step + 1, num_steps + 1):
-        state, metrics = train_step(state, next(batches))
-        history.append((step, metrics))
+        state, step_metrics = train_step(state, next(batches))
+        history.append((step, step_metrics))
         if step % config.log_every_steps == 0 or step == num_steps:
           fetched = fetch_history(history)  # the only host sync between log steps
           history = []
@@ -263,9 +247,8 @@ def run(config, workdir: str) -> dict:
       "total_seconds": time.time() - start_time,
   }
   if is_main:
-    report.write_json(os.path.join(workdir, "eval", f"{config.data.eval_split}_{num_steps}.json"),
-                      final)
     report.write_json(os.path.join(workdir, "results.json"), results)
+    plots.write_report(workdir)
   reporter.log(f"Done: {config.data.eval_split} accuracy {final['accuracy']:.4f} after "
                f"{num_steps} steps; {report.format_duration(results['total_seconds'])} in all.")
   reporter.close()

@@ -37,7 +37,7 @@ def test_smoke_run_writes_every_workdir_file(tmp_path):
   assert (tmp_path / "checkpoints" / "6" / "commit_success.txt").exists()
   assert (tmp_path / "export" / "model.json").exists()
   results = json.loads((tmp_path / "results.json").read_text())
-  assert results["eval"] == final and results["step"] == 6
+  assert results["eval"]["accuracy"] == final["accuracy"] and results["step"] == 6
 
 
 @pytest.mark.parametrize("override,message", [
@@ -90,5 +90,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert len(train_losses(tmp_path / "multi")) == 4
   assert train_losses(tmp_path / "multi") == pytest.approx(train_losses(tmp_path / "single"),
                                                            rel=1e-5)
-  multi = json.loads((tmp_path / "multi" / "results.json").read_text())["eval"]
-  assert multi["num_examples"] == 2000
+  multi = json.loads((tmp_path / "multi" / "eval" / "test_4.json").read_text())
+  single = json.loads((tmp_path / "single" / "eval" / "test_4.json").read_text())
+  assert multi["num_examples"] == 2000 and sum(multi["per_class"]["support"]) == 2000
+  assert multi["confusion_matrix"] == single["confusion_matrix"]  # every example once

@@ -1,0 +1,119 @@
+"""Exact classification metrics over a whole eval split, from every example's probabilities.
+
+Everything here is numpy on the host, computed from the complete set of (probabilities,
+label) pairs: no thresholds grid, no streaming approximation.
+
+Classes absent from the split's labels: their recall, F1 and ROC-AUC are undefined, so they
+are reported as null and listed in `absent_classes`, and left out of the macro averages (the
+weighted averages give them weight 0 anyway). Their precision is still defined when the model
+predicts them (it is then 0) and is reported, but also left out of the macro average, so
+every macro average is over the same classes: those present in the labels.
+"""
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """counts[true, predicted]."""
+  return np.bincount(labels * num_classes + predictions,
+                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+  """Fraction of examples whose label is among the k highest scores (ties: lower index wins)."""
+  k = min(k, probs.shape[1])
+  # A label is in the top k iff fewer than k classes score strictly higher, counting equal
+  # scores at lower indices as higher (the order a stable descending sort would give).
+  label_scores = probs[np.arange(len(labels)), labels][:, None]
+  indices = np.arange(probs.shape[1])[None, :]
+  ahead = (probs > label_scores) | ((probs == label_scores) & (indices < labels[:, None]))
+  return float(np.mean(ahead.sum(axis=1) < k))
+
+
+def binary_roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+  """Exact area under the ROC curve: the Mann-Whitney statistic with tied scores counted 1/2."""
+  num_pos = int(positive.sum())
+  num_neg = len(positive) - num_pos
+  if num_pos == 0 or num_neg == 0:
+    return float("nan")
+  order = np.argsort(scores, kind="mergesort")
+  sorted_scores = scores[order]
+  # Average ranks (1-based) over runs of equal scores.
+  ranks = np.empty(len(scores), np.float64)
+  run_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+  run_ends = np.r_[run_starts[1:], len(scores)]
+  for start, end in zip(run_starts, run_ends):
+    ranks[order[start:end]] = (start + 1 + end) / 2.0
+  rank_sum = ranks[positive].sum()
+  return float((rank_sum - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+
+
+def _divide(numerator, denominator):
+  """numerator / denominator, and 0 where the denominator is 0 (as scikit-learn does)."""
+  safe = np.where(denominator > 0, denominator, 1)
+  return np.where(denominator > 0, numerator / safe, 0.0)
+
+
+def _none_if_nan(values):
+  return [None if np.isnan(v) else float(v) for v in values]
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names,
+                           top_k=(1, 5)) -> dict:
+  """All metrics for one split. probs: [N, C] (any monotone scores work), labels: [N]."""
+  probs = np.asarray(probs, np.float64)
+  labels = np.asarray(labels, np.int64)
+  num_examples, num_classes = probs.shape
+  predictions = np.argmax(probs, axis=1)
+  confusion = confusion_matrix(labels, predictions, num_classes)
+  support = confusion.sum(axis=1)
+  predicted = confusion.sum(axis=0)
+  true_positives = np.diag(confusion)
+  present = support > 0
+
+  precision = _divide(true_positives, predicted)  # 0 for a class never predicted
+  recall = np.where(present, _divide(true_positives, support), np.nan)
+  f1 = np.where(present, _divide(2 * precision * np.nan_to_num(recall),
+                                 precision + np.nan_to_num(recall)), np.nan)
+  auc = np.array([binary_roc_auc(probs[:, c], labels == c) for c in range(num_classes)])
+
+  weights = support / max(num_examples, 1)
+
+  def macro(values):
+    usable = present & ~np.isnan(values)
+    return float(np.mean(values[usable])) if usable.any() else None
+
+  def weighted(values):
+    return float(np.nansum(np.where(present, values, 0.0) * weights))
+
+  result = {
+      "num_examples": int(num_examples),
+      "accuracy": float(np.mean(predictions == labels)) if num_examples else 0.0,
+      "precision_macro": macro(precision),
+      "recall_macro": macro(recall),
+      "f1_macro": macro(f1),
+      "precision_weighted": weighted(precision),
+      "recall_weighted": weighted(recall),
+      "f1_weighted": weighted(f1),
+      "roc_auc_macro": macro(auc),
+      "absent_classes": [class_names[c] for c in np.flatnonzero(~present)],
+      "per_class": {
+          "class_names": list(class_names),
+          "support": support.tolist(),
+          "precision": [float(p) for p in precision],
+          "recall": _none_if_nan(recall),
+          "f1": _none_if_nan(f1),
+          "roc_auc": _none_if_nan(auc),
+      },
+      "confusion_matrix": confusion.tolist(),
+  }
+  for k in top_k:
+    if k > 1 and k < num_classes:
+      result[f"top{k}_accuracy"] = top_k_accuracy(probs, labels, k)
+  return result
+
+
+def scalar_summary(result: dict) -> dict:
+  """The single numbers of a result (for metrics.jsonl and TensorBoard); None is skipped."""
+  return {k: v for k, v in result.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)}

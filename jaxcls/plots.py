@@ -1,0 +1,144 @@
+"""The report of a run: PNG plots and summary.md in <workdir>/report/, drawn from its files.
+
+Everything is read back from metrics.jsonl and eval/*.json, so a report can be drawn at any
+time, also while training runs or after it was killed (`python -m jaxcls.report --workdir`).
+"""
+
+import glob
+import json
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from jaxcls import evaluation
+
+
+def read_metrics(workdir: str) -> dict:
+  """split -> list of records, the last record of each step winning (a resume replays steps)."""
+  by_split: dict = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return by_split
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a partial last line
+      by_split.setdefault(record["split"], {})[record["step"]] = record
+  return {split: [steps[s] for s in sorted(steps)] for split, steps in by_split.items()}
+
+
+def latest_eval(workdir: str):
+  """The eval JSON with the highest step, or None."""
+  steps = {}
+  for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
+    match = re.fullmatch(r".+_(\d+)\.json", os.path.basename(path))
+    if match:
+      steps[path] = int(match.group(1))
+  if not steps:
+    return None
+  path = max(steps, key=steps.get)
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _curve(path, title, ylabel, series):
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+  for label, records, key in series:
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if points:
+      steps, values = zip(*points)
+      ax.plot(steps, values, label=label, marker="o" if len(points) < 20 else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _confusion(path, result):
+  names = result["per_class"]["class_names"]
+  counts = np.asarray(result["confusion_matrix"])
+  # Colour by the row fraction (recall per true class); annotate raw counts when readable.
+  fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  size = min(4 + 0.45 * len(names), 24)
+  fig, ax = plt.subplots(figsize=(size, size), dpi=110)
+  image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+  if len(names) <= 40:
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_yticks(range(len(names)), names)
+  if len(names) <= 20:
+    for i in range(len(names)):
+      for j in range(len(names)):
+        ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                color="white" if fractions[i, j] > 0.5 else "black")
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title(f"Confusion matrix ({result['split']}, step {result['step']})")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _recall_bars(path, result):
+  names = result["per_class"]["class_names"]
+  recall = [np.nan if r is None else r for r in result["per_class"]["recall"]]
+  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4.5), dpi=110)
+  ax.bar(range(len(names)), recall, color="tab:blue")
+  if len(names) <= 60:
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("recall")
+  ax.set_title(f"Per-class recall ({result['split']}, step {result['step']})")
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write_report(workdir: str) -> list:
+  """Draws every plot the files allow and summary.md; returns the paths written."""
+  out = os.path.join(workdir, "report")
+  os.makedirs(out, exist_ok=True)
+  records = read_metrics(workdir)
+  train, evals = records.get("train", []), records.get("eval", [])
+  written = []
+
+  def target(name):
+    written.append(os.path.join(out, name))
+    return written[-1]
+
+  if train or evals:
+    _curve(target("loss.png"), "Loss", "loss",
+           [("train", train, "loss"), ("eval", evals, "loss")])
+    _curve(target("accuracy.png"), "Top-1 accuracy", "accuracy",
+           [("train", train, "accuracy"), ("eval", evals, "accuracy")])
+  if train:
+    _curve(target("learning_rate.png"), "Learning rate", "learning rate",
+           [("learning rate", train, "learning_rate")])
+  result = latest_eval(workdir)
+  if result is not None:
+    _confusion(target("confusion_matrix.png"), result)
+    _recall_bars(target("per_class_recall.png"), result)
+
+  lines = [f"# Report: {os.path.abspath(workdir)}", ""]
+  if result is not None:
+    lines += [f"Evaluation of split `{result['split']}` at step {result['step']}:", "",
+              "```", evaluation.format_table(result), "```", ""]
+  else:
+    lines += ["No evaluation yet.", ""]
+  lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in written]
+  with open(target("summary.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  return written
