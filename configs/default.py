@@ -23,4 +23,5 @@ def get_config(arg: str = ""):
   config.optim.learning_rate = 0.2
   config.optim.warmup_epochs = 1.0
   config.log_every_steps = 50
+  config.eval_every_epochs = 5.0  # eval curve points at epochs 5 and 10, then the final eval
   return config
