@@ -11,7 +11,6 @@ Recipe: SGD Nesterov, peak lr 0.4 at batch 512, 2 warmup epochs, cosine to 0, we
 Expected: about 90% test accuracy on the JPEG copy of CIFAR-10 (a hand-written loop with this
 recipe reached 90.3% after 30 epochs on one H200; the JPEG files cost a few points against
 published CIFAR-10 results). `:epochs=60` trains 60 epochs (about 91%).
-Image-folder and TFDS sources arrive with the input-pipeline work.
 """
 
 from jaxcls.config import base_config

@@ -8,8 +8,9 @@ center crop 224, zero-initialised last BatchNorm of each block, bfloat16 compute
         --config.data.path=/path/to/tfds_data_dir
 
 Expected: about 76-77% top-1 on the validation split after 90 epochs (the published result of
-this recipe). The ImageNet data source (TFDS / ArrayRecord) arrives with the input-pipeline
-work; until then this config loads and checks but cannot read its data.
+this recipe). Prepare the data once with TFDS (`tfds build imagenet2012
+--file_format=array_record`, see README "Bringing your data"), or convert an image folder with
+`python -m jaxcls.data.convert --resize 256` and set source='array_record'.
 """
 
 from jaxcls.config import base_config
@@ -19,7 +20,8 @@ def get_config(arg: str = ""):
   del arg
   config = base_config()
   config.data.source = "tfds"
-  config.data.path = ""
+  config.data.tfds_name = "imagenet2012"
+  config.data.path = ""  # the TFDS data_dir holding the prepared (ArrayRecord) dataset
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.num_classes = 1000
