@@ -34,7 +34,7 @@ def get_config(arg: str = ""):
 
   config.model.name = "resnet50"
   config.model.stem = "imagenet"
-  config.model.dtype = "bfloat16"
+  config.model.dtype = "auto"  # bfloat16 on GPU / TPU, float32 on CPU
   config.model.zero_init_residual = True
 
   config.batch_size = 1024

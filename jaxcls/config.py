@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.name = "resnet18"  # registry key in jaxcls.models
   config.model.stem = "small"  # 'small' (3x3 conv, no max-pool) or 'imagenet' (7x7/2 + pool)
   config.model.width = 64  # channels of the first stage
-  config.model.dtype = "float32"  # compute dtype: float32 or bfloat16; params stay float32
+  # Compute dtype: float32, bfloat16, float16, or "auto" = bfloat16 on GPU / TPU and float32
+  # on CPU (no fast bf16 there). Parameters stay float32.
+  config.model.dtype = "auto"
   config.model.zero_init_residual = True  # last BatchNorm scale of each block starts at 0
   config.model.bn_momentum = 0.9
 
@@ -124,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 50
   config.eval_every_epochs = 0.0  # 0: evaluate only at the end
+  # Persistent XLA compilation cache: a second start of the same config loads the compiled
+  # steps instead of compiling them again. "" turns it off. Set by jaxcls.main.
+  config.compilation_cache_dir = "~/.cache/jaxcls/xla"
   config.eval_top_k = (1, 5)  # top-k accuracies to report (k >= the class count is skipped)
   return config
 

@@ -219,3 +219,12 @@ def test_unknown_name_lists_known_models():
     models.validate_model_config(model_config(name='vit'))
   for name in models.MODELS:
     assert repr(name) in str(err.value)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+  assert models.resolve_dtype('auto', 'gpu') == jnp.bfloat16
+  assert models.resolve_dtype('auto', 'tpu') == jnp.bfloat16
+  assert models.resolve_dtype('auto', 'cpu') == jnp.float32
+  assert models.resolve_dtype('bfloat16', 'cpu') == jnp.bfloat16
+  model = models.create_model(model_config(dtype='auto'), 10)  # the tests run on the CPU
+  assert model.dtype == jnp.float32

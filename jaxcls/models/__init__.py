@@ -8,6 +8,7 @@ zero_init_residual and bn_momentum and returns a flax.linen.Module whose
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxcls.models import cnn
@@ -28,6 +29,16 @@ DTYPES = {
     'bfloat16': jnp.bfloat16,
     'float16': jnp.float16,
 }
+# 'auto': bfloat16 where the chip has fast bf16 arithmetic, float32 elsewhere (CPUs emulate it).
+AUTO_DTYPE_PLATFORMS = ('gpu', 'tpu')
+
+
+def resolve_dtype(name: str, platform: str | None = None):
+  """`config.model.dtype` -> jnp dtype; 'auto' looks at the default backend (or `platform`)."""
+  if name == 'auto':
+    platform = platform or jax.default_backend()
+    return jnp.bfloat16 if platform in AUTO_DTYPE_PLATFORMS else jnp.float32
+  return DTYPES[name]
 
 
 def validate_model_config(model_config) -> None:
@@ -36,10 +47,10 @@ def validate_model_config(model_config) -> None:
     raise ValueError(
         f'config.model.name: unknown model {model_config.name!r}; '
         f'known: {sorted(MODELS)}')
-  if model_config.dtype not in DTYPES:
+  if model_config.dtype != 'auto' and model_config.dtype not in DTYPES:
     raise ValueError(
         f'config.model.dtype: unsupported compute dtype {model_config.dtype!r}; '
-        f'known: {list(DTYPES)}')
+        f"known: {['auto', *DTYPES]}")
   if model_config.stem not in resnet.STEMS:
     raise ValueError(
         f'config.model.stem: unknown stem {model_config.stem!r}; '
@@ -61,7 +72,7 @@ def create_model(model_config, num_classes: int) -> nn.Module:
       num_classes=num_classes,
       width=model_config.width,
       stem=model_config.stem,
-      dtype=DTYPES[model_config.dtype],
+      dtype=resolve_dtype(model_config.dtype),
       zero_init_residual=bool(model_config.zero_init_residual),
       bn_momentum=float(model_config.bn_momentum),
   )
