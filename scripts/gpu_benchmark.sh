@@ -109,9 +109,9 @@ if [[ $SMOKE == 1 ]]; then
 else
   TS_ARGS=(--gpu --torch --rounds 3 --seconds 2)
   E2E_COMMON=(--gpu --rounds 3 --seconds 4 --work "$WORK")
-  E2E_CIFAR=()
+  E2E_CIFAR=(--workers 4,-1)  # the config's 4 worker processes, and cores - 2
   E2E_IMAGENET=(--imagenet_like 10000)
-  CIFAR_ARGS=(--config.eval_every_epochs=1)
+  CIFAR_ARGS=()  # the config as a user runs it
 fi
 
 if [[ ",$STAGES," == *",train_step,"* ]]; then
@@ -126,7 +126,7 @@ if [[ ",$STAGES," == *",end_to_end,"* ]]; then
   run "$PYTHON" benchmarks/end_to_end.py "${E2E_COMMON[@]}" "${E2E_IMAGENET[@]}" \
     --json "$OUT_DIR/end_to_end_imagenet.json"
   if [[ -n "$CIFAR" ]]; then
-    run "$PYTHON" benchmarks/end_to_end.py "${E2E_COMMON[@]}" --cifar "$CIFAR" "${E2E_CIFAR[@]}" \
+    run "$PYTHON" benchmarks/end_to_end.py "${E2E_COMMON[@]}" --cifar "$CIFAR" ${E2E_CIFAR[@]+"${E2E_CIFAR[@]}"} \
       --json "$OUT_DIR/end_to_end_cifar.json"
   fi
 fi
@@ -135,7 +135,7 @@ if [[ ",$STAGES," == *",cifar,"* && -n "$CIFAR" ]]; then
   echo -e "\n### full CIFAR-10 run: configs/cifar10_resnet18.py" | tee -a "$LOG"
   rm -rf "$C10_RUN"
   run "$PYTHON" -m jaxcls.main --config configs/cifar10_resnet18.py --workdir "$C10_RUN" \
-    --config.data.path="$CIFAR" "${CIFAR_ARGS[@]}"
+    --config.data.path="$CIFAR" ${CIFAR_ARGS[@]+"${CIFAR_ARGS[@]}"}
   cp "$C10_RUN/results.json" "$OUT_DIR/cifar10_results.json" 2>/dev/null || true
   cp "$C10_RUN/metrics.jsonl" "$OUT_DIR/cifar10_metrics.jsonl" 2>/dev/null || true
 fi
