@@ -5,7 +5,6 @@ phases measured side by side).
 
 import ast
 import dataclasses
-import importlib.util
 import pathlib
 import platform
 import statistics
@@ -26,32 +25,19 @@ def load_config(spec: str, overrides=()):
 
   Values are Python literals (`512`, `'resnet50'`, `(0.5, 0.5, 0.5)`); anything else is a string.
   """
-  path, _, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.is_absolute() and not file.exists():
-    file = REPO / path
-  module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  path, sep, arg = spec.partition(":")
+  if not pathlib.Path(path).is_absolute() and not pathlib.Path(path).exists():
+    path = str(REPO / path)
+  values = {}
   for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep:
+    key, eq, text = item.partition("=")
+    if not eq:
       raise ValueError(f"override {item!r}: use key=value")
     try:
-      value = ast.literal_eval(text)
+      values[key] = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise ValueError(f"override {item!r}: config.{key} is not a key of {spec}")
-    if isinstance(node[leaf], float) and isinstance(value, int):
-      value = float(value)
-    node[leaf] = value
-  return config
+      values[key] = text
+  return config_lib.load_config(path + sep + arg, values)
 
 
 @dataclasses.dataclass

@@ -28,9 +28,7 @@ if __name__ == "__main__":
 import jax  # pylint: disable=g-import-not-at-top
 
 from jaxcls import config as config_lib  # pylint: disable=g-import-not-at-top
-from jaxcls import models, optim, sharding, steps  # pylint: disable=g-import-not-at-top
-
-MIB = 2**20
+from jaxcls.memory import state_memory  # pylint: disable=g-import-not-at-top
 
 
 def imagenet_config(model_name: str, devices: int, stage: int, model_axis: int = 1):
@@ -44,27 +42,6 @@ def imagenet_config(model_name: str, devices: int, stage: int, model_axis: int =
   config.mesh.model = model_axis
   config.mesh.zero_stage = stage
   return config
-
-
-def state_memory(config) -> dict:
-  """MiB per device of each part of the train state under config.mesh."""
-  model = models.create_model(config.model, config.data.num_classes)
-  tx = optim.create_optimizer(config.optim, optim.create_schedule(config.optim, 256, 100, 10))
-  init = lambda rng: steps.init_train_state(model, tx, config.data.image_size, rng)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  mesh = sharding.make_mesh(config.mesh)
-  layout = sharding.Layout(mesh, config.mesh)
-  shardings = layout.state_shardings(abstract)
-  per_device = sharding.bytes_per_device_from_shardings
-  parts = {
-      "params": per_device(abstract.params, shardings.params),
-      "optimizer": per_device(abstract.opt_state, shardings.opt_state),
-      "gradients": per_device(abstract.params, layout.grad_shardings(abstract.params)),
-      "batch_stats": per_device(abstract.batch_stats, shardings.batch_stats),
-  }
-  parts["total"] = sum(parts.values())
-  parts["num_params"] = sum(leaf.size for leaf in jax.tree.leaves(abstract.params))
-  return {k: v / MIB if k != "num_params" else v for k, v in parts.items()}
 
 
 def main():

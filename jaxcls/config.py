@@ -6,7 +6,9 @@ typo: `check_config` names it and suggests the closest known key.
 """
 
 import difflib
+import importlib.util
 import math
+import os
 
 import ml_collections
 
@@ -156,6 +158,40 @@ def check_known_keys(config) -> None:
       hint = f" Did you mean config.{close[0]}?" if close else ""
       raise ConfigError(f"config.{key} is not a known config key.{hint} "
                         "Known keys are listed in jaxcls/config.py.")
+
+
+def load_config(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """Loads a config file's get_config() and applies {"dotted.key": value} overrides.
+
+  The notebook form of `--config path[:arg] --config.key=value`: an unknown key or a value
+  of the wrong type is a ConfigError naming the key.
+  """
+  path, _, arg = path.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"Config file {path!r} does not exist.")
+  spec = importlib.util.spec_from_file_location(
+      f"jaxcls_config_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"Config file {path!r} has no get_config() function.")
+  config = module.get_config(arg) if arg else module.get_config()
+  known = _flat_keys(base_config())
+  for key, value in (overrides or {}).items():
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"Override {key!r} is not a known config key.{hint}")
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ConfigError(f"Override {key}={value!r}: {e}") from None
+  check_known_keys(config)
+  return config
 
 
 def check_parallelism(config, mesh_sizes: dict, num_devices: int, process_count: int) -> None:

@@ -9,10 +9,9 @@ import json
 import os
 import re
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display needed
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# Figures without pyplot: no display or backend needed, and a notebook's own backend
+# (inline plots) is left alone.
+from matplotlib.figure import Figure
 import numpy as np
 
 from jaxcls import evaluation
@@ -49,7 +48,8 @@ def latest_eval(workdir: str):
 
 
 def _curve(path, title, ylabel, series):
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+  fig = Figure(figsize=(7, 4.5), dpi=110)
+  ax = fig.subplots()
   for label, records, key in series:
     points = [(r["step"], r[key]) for r in records if key in r]
     if points:
@@ -63,7 +63,6 @@ def _curve(path, title, ylabel, series):
     ax.legend()
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
 
 
 def _confusion(path, result):
@@ -72,7 +71,8 @@ def _confusion(path, result):
   # Colour by the row fraction (recall per true class); annotate raw counts when readable.
   fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
   size = min(4 + 0.45 * len(names), 24)
-  fig, ax = plt.subplots(figsize=(size, size), dpi=110)
+  fig = Figure(figsize=(size, size), dpi=110)
+  ax = fig.subplots()
   image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
   if len(names) <= 40:
@@ -88,13 +88,13 @@ def _confusion(path, result):
   ax.set_title(f"Confusion matrix ({result['split']}, step {result['step']})")
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
 
 
 def _recall_bars(path, result):
   names = result["per_class"]["class_names"]
   recall = [np.nan if r is None else r for r in result["per_class"]["recall"]]
-  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4.5), dpi=110)
+  fig = Figure(figsize=(max(6, 0.35 * len(names)), 4.5), dpi=110)
+  ax = fig.subplots()
   ax.bar(range(len(names)), recall, color="tab:blue")
   if len(names) <= 60:
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
@@ -104,7 +104,6 @@ def _recall_bars(path, result):
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
 
 
 def write_report(workdir: str) -> list:

@@ -32,7 +32,7 @@ def test_load_config_applies_overrides_like_the_command_line():
   assert config.batch_size == 64 and config.model.name == "resnet_tiny"
   assert config.optim.learning_rate == 1.0 and isinstance(config.optim.learning_rate, float)
   assert tuple(config.data.mean) == (0.5, 0.5, 0.5)
-  with pytest.raises(ValueError, match="not a key"):
+  with pytest.raises(ValueError, match="not a known config key"):
     harness.load_config("configs/default.py", ["batch_sise=64"])
 
 

@@ -18,6 +18,8 @@ import tensorflow_datasets as tfds
 from jaxcls.config import base_config
 from jaxcls.data import convert
 from jaxcls.data import corrupt
+from jaxcls.data import export_images
+from jaxcls.data import image_folder
 from jaxcls.data import images
 from jaxcls.data import pipeline
 from jaxcls.data import records
@@ -449,3 +451,29 @@ def test_training_run_on_an_image_folder(tmp_path):
   skipped = json.loads((tmp_path / "run" / "skipped_examples.json").read_text())
   assert skipped["train"]["skipped"] == 1 and skipped["test"]["skipped"] == 0
   assert "broken.jpg" in skipped["train"]["examples"][0]
+
+
+def test_export_images_writes_an_image_folder_with_the_original_bytes(tmp_path):
+  bundle = sources.create_source(data_config(source="bundled"), "test")
+  counts = export_images.export_images(bundle, str(tmp_path / "test"), per_class=2)
+  assert counts == {name: 2 for name in bundle.class_names}
+  folder_source = image_folder.create(
+      data_config(source="image_folder", path=str(tmp_path / "test")), "train")
+  assert folder_source.class_names == bundle.class_names and len(folder_source) == 20
+  for i in range(len(folder_source)):
+    element = folder_source[i]
+    index = int(pathlib.Path(element["id"]).stem)  # the file is named after the bundle index
+    original = bundle[index]
+    assert element["label"] == original["label"]
+    assert bytes(element["image"]) == original["image"].tobytes()
+  with pytest.raises(ValueError, match="not empty"):
+    export_images.export_images(bundle, str(tmp_path / "test"))
+
+
+def test_export_images_encodes_decoded_images_as_png(tmp_path):
+  synthetic = sources.create_source(data_config(source="synthetic", synthetic_size=6,
+                                                num_classes=3), "train")
+  export_images.export_images(synthetic, str(tmp_path / "out"))
+  files = sorted((tmp_path / "out").rglob("*.png"))
+  assert len(files) == 6
+  np.testing.assert_array_equal(np.asarray(Image.open(files[0])), synthetic[0]["image"])

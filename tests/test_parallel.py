@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxcls import config as config_lib
-from jaxcls import distributed, models, optim, sharding, steps, train
+from jaxcls import distributed, memory, models, optim, sharding, steps, train
 from runner import REPO, free_port, main_env, records, run_main
 import test_train
 from test_train import synthetic_batches
@@ -421,3 +421,32 @@ def test_launch_local_two_processes_match_one_process(tmp_path):
   assert len(losses(tmp_path / "multi")) == 3
   np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"),
                              rtol=1e-5)
+
+
+def test_state_memory_per_device_shrinks_with_each_zero_stage():
+  totals, parts = [], []
+  for stage in (0, 1, 2, 3):
+    config = config_lib.base_config()
+    config.model.name, config.model.stem, config.data.image_size = "resnet18", "small", 32
+    config.mesh.data, config.mesh.fsdp, config.mesh.zero_stage = 1, 8, stage
+    parts.append(memory.state_memory(config))
+    totals.append(parts[-1]["total"])
+  assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+  whole = parts[0]["params"]
+  assert parts[0]["gradients"] == whole  # stage 0: nothing split
+  assert parts[0]["optimizer"] == pytest.approx(whole)  # momentum (+ a step count)
+  # Stage 3: the big kernels are split 8 ways; the small arrays that stay whole are < 1%.
+  assert whole / 8 <= parts[3]["params"] < whole / 8 * 1.1
+  assert parts[3]["num_params"] == 11_173_962
+
+
+def test_parameter_layout_names_what_each_stage_splits():
+  config = config_lib.base_config()
+  config.model.name, config.model.stem, config.data.image_size = "resnet18", "small", 32
+  config.mesh.data, config.mesh.fsdp, config.mesh.zero_stage = 1, 8, 3
+  layout = {name: (shape, spec) for name, shape, spec in memory.parameter_layout(config)}
+  shape, spec = layout["stage4_block2/conv2/kernel"]
+  assert shape == (3, 3, 512, 512) and "fsdp" in spec
+  assert layout["head/bias"][1] == jax.sharding.PartitionSpec()  # small: stays whole
+  config.mesh.zero_stage = 1  # parameters are not split below stage 3
+  assert all(axis is None for _, _, spec in memory.parameter_layout(config) for axis in spec)

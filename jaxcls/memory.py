@@ -1,0 +1,56 @@
+"""How much of the train state one device holds under a config's mesh and ZeRO stage.
+
+Computed from shapes and shardings alone (jax.eval_shape: nothing is allocated), so it
+answers "which stage fits?" before a run starts, for any model on the devices at hand.
+Activations are not included: they depend on the batch, not on the stage.
+"""
+
+import jax
+
+from jaxcls import models, optim, sharding, steps
+
+MIB = 2**20
+
+
+def _abstract_state(config):
+  """The train state as shapes; the schedule's numbers do not change any shape."""
+  model = models.create_model(config.model, config.data.num_classes)
+  tx = optim.create_optimizer(config.optim, optim.create_schedule(config.optim, 256, 100, 10))
+  init = lambda rng: steps.init_train_state(model, tx, config.data.image_size, rng)
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def state_memory(config, mesh=None) -> dict:
+  """MiB per device of params, optimizer state, gradients and BatchNorm stats, and the total.
+
+  Gradients are counted in the layout the train step constrains them to before the update.
+  Also returns `num_params`. `mesh` defaults to the one config.mesh describes.
+  """
+  abstract = _abstract_state(config)
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  layout = sharding.Layout(mesh, config.mesh)
+  shardings = layout.state_shardings(abstract)
+  per_device = sharding.bytes_per_device_from_shardings
+  parts = {
+      "params": per_device(abstract.params, shardings.params),
+      "optimizer": per_device(abstract.opt_state, shardings.opt_state),
+      "gradients": per_device(abstract.params, layout.grad_shardings(abstract.params)),
+      "batch_stats": per_device(abstract.batch_stats, shardings.batch_stats),
+  }
+  parts["total"] = sum(parts.values())
+  result = {k: v / MIB for k, v in parts.items()}
+  result["num_params"] = sum(leaf.size for leaf in jax.tree.leaves(abstract.params))
+  return result
+
+
+def parameter_layout(config, mesh=None) -> list[tuple[str, tuple, jax.sharding.PartitionSpec]]:
+  """[(parameter name, shape, PartitionSpec)] under config.mesh: what is split over which axis.
+
+  Names are the ones config.mesh.rules match, e.g. `stage2_block1/conv1/kernel`.
+  """
+  abstract = _abstract_state(config)
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  shardings = sharding.Layout(mesh, config.mesh).state_shardings(abstract).params
+  leaves = jax.tree_util.tree_leaves_with_path(abstract.params)
+  return [(sharding.path_name(path), tuple(leaf.shape), leaf_sharding.spec)
+          for (path, leaf), leaf_sharding in zip(leaves, jax.tree.leaves(shardings))]
