@@ -9,7 +9,7 @@ center crop 224, zero-initialised last BatchNorm of each block, bfloat16 compute
 
 Expected: about 76-77% top-1 on the validation split after 90 epochs (the published result of
 this recipe). Prepare the data once with TFDS (`tfds build imagenet2012
---file_format=array_record`, see README "Bringing your data"), or convert an image folder with
+--file_format=array_record`, see docs/guide.md "Bringing your data"), or convert an image folder with
 `python -m jaxcls.data.convert --resize 256` and set source='array_record'.
 """
 

@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Data: see jaxcls/data/. Images reach the device as uint8 and are normalized there.
   config.data = ml_collections.ConfigDict()
-  # Sources (README "Bringing your data"): 'bundled', 'npz', 'image_folder', 'tfds',
+  # Sources (docs/guide.md "Bringing your data"): 'bundled', 'npz', 'image_folder', 'tfds',
   # 'array_record' (written by `python -m jaxcls.data.convert`) or 'synthetic'.
   config.data.source = "bundled"  # registry key in jaxcls.data.sources
   config.data.path = ""  # the data's directory; for 'tfds' the data_dir ('' = TFDS's default)
@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.batch_size = 256  # global, over all processes and devices
   # Micro-batches per step, run one after another inside the step: the update sees the
   # whole batch_size, the activations take the memory of batch_size / grad_accum_steps.
-  # BatchNorm normalizes each micro-batch by its own statistics (see README).
+  # BatchNorm normalizes each micro-batch by its own statistics (docs/guide.md "Concepts").
   config.grad_accum_steps = 1
   config.eval_batch_size = 512  # global; the last batch is padded and masked
   config.num_epochs = 10.0

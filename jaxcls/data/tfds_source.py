@@ -3,7 +3,7 @@
 `tfds.data_source` reads them; images come back still encoded (SkipDecoding), so they decode
 in the pipeline's workers like every other source, with the same errors for bad files.
 Prepare a dataset once, on a machine with TensorFlow:
-`tfds build NAME --file_format=array_record --data_dir=DIR` (see README.md).
+`tfds build NAME --file_format=array_record --data_dir=DIR` (see docs/guide.md).
 """
 
 import os
