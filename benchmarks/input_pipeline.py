@@ -5,7 +5,8 @@
 
 Cases:
   cifar         CIFAR-10 JPEGs (../shared/data/cifar10_jpeg/train.npz: 50,000 images of
-                32x32), pad-crop-flip at 32px, batch 256.
+                32x32; where that is missing, the 10,000 of the bundled sample),
+                pad-crop-flip at 32px, batch 256.
   imagenet      random-resized-crop + flip to 224px from 500x375 JPEGs (quality 90, about
                 87 KB each, near ImageNet's average), read from ArrayRecord files written by
                 jaxcls.data.convert, batch 128. The images are mosaics of CIFAR-10 pictures,
@@ -19,6 +20,7 @@ jaxcls.data.images.decode_image (OpenCV for JPEGs).
 """
 
 import argparse
+import importlib.resources
 import io
 import os
 import pathlib
@@ -39,9 +41,17 @@ CIFAR = REPO.parent / "shared" / "data" / "cifar10_jpeg"
 NUM_LARGE = 1000
 
 
+def cifar_file(split: str) -> pathlib.Path:
+  """The full CIFAR-10 JPEGs of this project's machines, else the sample inside the package."""
+  if (CIFAR / f"{split}.npz").exists():
+    return CIFAR / f"{split}.npz"
+  bundled = importlib.resources.files("jaxcls.data") / "bundled"
+  return pathlib.Path(str(bundled / f"cifar10_sample_{split}.npz"))
+
+
 def make_photos(folder: pathlib.Path, count: int) -> None:
   """`count` 500x375 JPEGs in folder/<class>/: 16x12 mosaics of CIFAR-10 test images."""
-  with np.load(CIFAR / "test.npz") as data:
+  with np.load(cifar_file("test")) as data:
     jpeg, offsets = data["jpeg"], data["offsets"]
   rng = np.random.default_rng(0)
   for i in range(count):
@@ -58,7 +68,10 @@ def case_config(case: str, tmp: pathlib.Path):
   """-> (data config, split, batch size)."""
   config = base_config().data
   if case == "cifar":
-    config.update(dict(source="npz", path=str(CIFAR)))
+    if (CIFAR / "train.npz").exists():
+      config.update(dict(source="npz", path=str(CIFAR)))
+    else:
+      config.update(dict(source="bundled"))
     return config, "train", 256
   if case == "synthetic":
     config.update(dict(source="synthetic", synthetic_size=50_000))
@@ -93,7 +106,7 @@ def measure(config, split: str, batch: int, workers: int, seconds: float) -> flo
 
 
 def decode_times(tmp: pathlib.Path) -> None:
-  with np.load(CIFAR / "test.npz") as data:
+  with np.load(cifar_file("test")) as data:
     small = [data["jpeg"][data["offsets"][i]:data["offsets"][i + 1]].tobytes()
              for i in range(500)]
   large = [p.read_bytes() for p in sorted((tmp / "photos").rglob("*.jpg"))[:100]]
@@ -116,7 +129,7 @@ def main() -> None:
   parser.add_argument("--tmp", default="", help="where to keep the generated images")
   args = parser.parse_args()
   tmp = pathlib.Path(args.tmp or tempfile.mkdtemp(prefix="jaxcls_bench_"))
-  print(f"{os.cpu_count()} cores; generated data in {tmp}")
+  print(f"{os.cpu_count()} cores; CIFAR-10 from {cifar_file('train')}; generated data in {tmp}")
   for case in args.cases:
     config, split, batch = case_config(case, tmp)
     for workers in args.workers:

@@ -30,7 +30,8 @@ def parse_flags(argv):
   except flags.Error as e:
     sys.exit(f"error: {e}\nPass --helpfull to list the flags.")
   except (AttributeError, KeyError, ValueError, TypeError) as e:
-    message = str(e).strip("'\"").replace("\\n", " ").replace('\\"', '"')
+    message = (str(e).strip("'\"").replace("\\n", " ").replace('\\"', '"')
+               .replace("\\'", "'"))
     sys.exit(f"error: bad config override: {message}")
 
 

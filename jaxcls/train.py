@@ -129,7 +129,7 @@ def run(config, workdir: str) -> dict:
   reporter = report.Reporter(workdir, num_steps, enabled=is_main)
   reporter.log(
       f"jaxcls: {config.model.name} on {train_source.name} ({len(train_source)} train / "
-      f"{len(eval_source)} eval); {jax.device_count()} devices over {jax.process_count()} "
+      f"{len(eval_source)} eval); {jax.device_count()} device(s) in {jax.process_count()} "
       f"process(es), mesh {dict(mesh.shape)}; {num_steps} steps of {config.batch_size}.")
 
   model = models.create_model(config.model, config.data.num_classes)
