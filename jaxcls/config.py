@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.mean = (0.4914, 0.4822, 0.4465)  # in [0, 1], per RGB channel
   config.data.std = (0.2470, 0.2435, 0.2616)
   # grain worker processes that decode and augment; 0 works in the main process (in threads);
-  # -1 picks from the cores: 0 on a machine with 4 or fewer, else cores - 2 (at most 32).
+  # -1 picks from this process's cores (its share of the host: jaxcls/data/cores.py): 0 with
+  # 4 or fewer, else cores - 2 (at most 32).
   config.data.num_workers = -1
   config.data.prefetch_batches = 2  # batches kept ready ahead of the step
   config.data.synthetic_size = 10_000  # examples of the 'synthetic' source

@@ -35,6 +35,7 @@ for ((i = 0; i < num_processes; i++)); do
   JAX_COORDINATOR_ADDRESS="127.0.0.1:${port}" \
   JAX_NUM_PROCESSES="${num_processes}" \
   JAX_PROCESS_ID="${i}" \
+  LOCAL_WORLD_SIZE="${num_processes}" \
     "$python" -m jaxcls.main "$@" &
   pids+=($!)
 done
