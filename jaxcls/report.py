@@ -85,10 +85,13 @@ class Reporter:
       print(message, file=self.stream, flush=True)
 
   def close(self) -> None:
+    """Closes the files; safe to call again."""
     if self._jsonl:
       self._jsonl.close()
+      self._jsonl = None
     if self._tb:
       self._tb.close()
+      self._tb = None
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -127,129 +127,132 @@ def run(config, workdir: str) -> dict:
   num_steps = total_train_steps(config, steps_per_epoch)
 
   reporter = report.Reporter(workdir, num_steps, enabled=is_main)
-  reporter.log(
-      f"jaxcls: {config.model.name} on {train_source.name} ({len(train_source)} train / "
-      f"{len(eval_source)} eval); {jax.device_count()} device(s) in {jax.process_count()} "
-      f"process(es), mesh {dict(mesh.shape)}; {num_steps} steps of {config.batch_size}.")
-
-  model = models.create_model(config.model, config.data.num_classes)
-  schedule = optim.create_schedule(config.optim, config.batch_size, num_steps, steps_per_epoch)
-  tx = optim.create_optimizer(config.optim, schedule)
-  abstract_state, state_shardings = train_state_shapes(model, tx, config, mesh)
-
-  compile_start = time.time()
-  train_step = compile_train_step(
-      steps.make_train_step(
-          model, config.data, config.optim, schedule, config.grad_accum_steps,
-          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
-      abstract_state, state_shardings, mesh, config)
-  eval_step = evaluation.compile_eval_step(
-      steps.make_eval_step(model, config.data), abstract_state, state_shardings, mesh,
-      batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True))
-  compile_seconds = time.time() - compile_start
-  reporter.log(f"Compiled train and eval steps in {compile_seconds:.1f}s.")
-
-  train_dataset = pipeline.create_train_dataset(
-      config.data, train_source, config.batch_size, config.seed)
-  eval_dataset = pipeline.create_eval_dataset(config.data, eval_source, config.eval_batch_size)
-  batches = iter(pipeline.prefetch_to_device(
-      train_dataset, sharding.batch_sharding(mesh), config.data.prefetch_batches))
-
-  def run_eval(state, step):
-    result = evaluation.evaluate(eval_step, state, eval_dataset, mesh, eval_source.class_names,
-                                 tuple(config.eval_top_k), config.data.prefetch_batches)
-    evaluation.write_result(workdir, config.data.eval_split, step, result)
-    scalars = metrics.scalar_summary(result)
-    reporter.write(step, "eval", scalars)
-    shown = ("loss", "accuracy", "top5_accuracy", "f1_macro", "roc_auc_macro")
-    reporter.log(f"eval at step {step}: " + " | ".join(
-        f"{k} {scalars[k]:.4f}" for k in shown if k in scalars)
-        + f" ({result['num_examples']} examples)")
-    return scalars
-
-  checkpointer = checkpoint.Checkpointer(
-      workdir, config.checkpoint, save_every_steps(config.checkpoint, steps_per_epoch),
-      checkpoint.run_metadata(config))
+  # The reporter closes even when the run fails: left to its atexit hook, the TensorBoard
+  # writer cannot start its thread at interpreter shutdown (Python 3.12+) and prints a traceback.
   try:
-    # Resume from the latest checkpoint, or initialize.
-    state, start_step = None, 0
-    if config.checkpoint.resume:
-      state, start_step, data_restored = checkpoint.restore_latest(
-          checkpointer, abstract_state, batches, reporter.log)
-    if state is not None:
-      if not data_restored:
-        # The saved position does not fit this run: restart the data at the next epoch.
-        next_epoch = -(-start_step // steps_per_epoch)
-        grain.experimental.set_next_index(batches, next_epoch * steps_per_epoch)
-      reporter.log(f"Resumed from {checkpointer.step_dir(start_step)} (step {start_step}), "
-                   + ("data position included." if data_restored else
-                      "data restarted at the next epoch."))
-    else:
-      state, _ = create_train_state(model, tx, config, mesh)
-    reporter.truncate_after(start_step)
+    reporter.log(
+        f"jaxcls: {config.model.name} on {train_source.name} ({len(train_source)} train / "
+        f"{len(eval_source)} eval); {jax.device_count()} device(s) in {jax.process_count()} "
+        f"process(es), mesh {dict(mesh.shape)}; {num_steps} steps of {config.batch_size}.")
 
-    # Train.
-    eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
-    history = []  # (step, device metrics) since the last log step
-    train_start = last_log_time = time.time()
-    last_log_step = start_step
-    with preemption.PreemptionGuard(config.checkpoint.preemption_check_steps) as guard:
-      for step in range(start_step + 1, num_steps + 1):
-        state, step_metrics = train_step(state, next(batches))
-        history.append((step, step_metrics))
-        if step % config.log_every_steps == 0 or step == num_steps:
-          fetched = fetch_history(history)  # the only host sync between log steps
-          history = []
-          summary = mean_metrics(fetched)
-          now = time.time()
-          summary["images_per_sec"] = ((step - last_log_step) * config.batch_size /
-                                       (now - last_log_time))
-          summary["epoch"] = step / steps_per_epoch
-          eta = (now - train_start) / (step - start_step) * (num_steps - step)
-          reporter.write(step, "train", summary)
-          reporter.progress(step, summary, eta)
-          last_log_time, last_log_step = now, step
-        eval_results = None
-        if eval_every and step % eval_every == 0 and step != num_steps:
-          eval_results = run_eval(state, step)
-        stop = guard.should_stop(step)
-        if (checkpointer.should_save(step, num_steps) or stop
-            or (eval_results and config.checkpoint.best_metric)):
-          fetch_history(history)  # never save a non-finite state
-          blocked = checkpointer.save(step, state, batches, metrics=eval_results)
-          reporter.write(step, "checkpoint", {"save_blocked_seconds": blocked})
-        if stop:
-          checkpointer.wait()
-          reporter.log(f"Stopped by {guard.received or 'a signal to another process'} after "
-                       f"step {step}; saved "
-                       f"{checkpointer.step_dir(step)}. Run the same command to resume.")
-          reporter.close()
-          return {"preempted": True, "step": step, "signal": guard.received}
-    train_seconds = time.time() - train_start
+    model = models.create_model(config.model, config.data.num_classes)
+    schedule = optim.create_schedule(config.optim, config.batch_size, num_steps, steps_per_epoch)
+    tx = optim.create_optimizer(config.optim, schedule)
+    abstract_state, state_shardings = train_state_shapes(model, tx, config, mesh)
 
-    # Evaluate and export.
-    final = run_eval(state, num_steps)
-    checkpoint.export_variables(checkpoint.export_dir(workdir), state, {
-        "step": num_steps, "model": config.model.to_dict(),
-        "num_classes": config.data.num_classes, "class_names": list(train_source.class_names),
-        "image_size": config.data.image_size, "eval_resize": config.data.eval_resize,
-        "mean": list(config.data.mean), "std": list(config.data.std)})
+    compile_start = time.time()
+    train_step = compile_train_step(
+        steps.make_train_step(
+            model, config.data, config.optim, schedule, config.grad_accum_steps,
+            sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
+        abstract_state, state_shardings, mesh, config)
+    eval_step = evaluation.compile_eval_step(
+        steps.make_eval_step(model, config.data), abstract_state, state_shardings, mesh,
+        batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True))
+    compile_seconds = time.time() - compile_start
+    reporter.log(f"Compiled train and eval steps in {compile_seconds:.1f}s.")
+
+    train_dataset = pipeline.create_train_dataset(
+        config.data, train_source, config.batch_size, config.seed)
+    eval_dataset = pipeline.create_eval_dataset(config.data, eval_source, config.eval_batch_size)
+    batches = iter(pipeline.prefetch_to_device(
+        train_dataset, sharding.batch_sharding(mesh), config.data.prefetch_batches))
+
+    def run_eval(state, step):
+      result = evaluation.evaluate(eval_step, state, eval_dataset, mesh, eval_source.class_names,
+                                   tuple(config.eval_top_k), config.data.prefetch_batches)
+      evaluation.write_result(workdir, config.data.eval_split, step, result)
+      scalars = metrics.scalar_summary(result)
+      reporter.write(step, "eval", scalars)
+      shown = ("loss", "accuracy", "top5_accuracy", "f1_macro", "roc_auc_macro")
+      reporter.log(f"eval at step {step}: " + " | ".join(
+          f"{k} {scalars[k]:.4f}" for k in shown if k in scalars)
+          + f" ({result['num_examples']} examples)")
+      return scalars
+
+    checkpointer = checkpoint.Checkpointer(
+        workdir, config.checkpoint, save_every_steps(config.checkpoint, steps_per_epoch),
+        checkpoint.run_metadata(config))
+    try:
+      # Resume from the latest checkpoint, or initialize.
+      state, start_step = None, 0
+      if config.checkpoint.resume:
+        state, start_step, data_restored = checkpoint.restore_latest(
+            checkpointer, abstract_state, batches, reporter.log)
+      if state is not None:
+        if not data_restored:
+          # The saved position does not fit this run: restart the data at the next epoch.
+          next_epoch = -(-start_step // steps_per_epoch)
+          grain.experimental.set_next_index(batches, next_epoch * steps_per_epoch)
+        reporter.log(f"Resumed from {checkpointer.step_dir(start_step)} (step {start_step}), "
+                     + ("data position included." if data_restored else
+                        "data restarted at the next epoch."))
+      else:
+        state, _ = create_train_state(model, tx, config, mesh)
+      reporter.truncate_after(start_step)
+
+      # Train.
+      eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
+      history = []  # (step, device metrics) since the last log step
+      train_start = last_log_time = time.time()
+      last_log_step = start_step
+      with preemption.PreemptionGuard(config.checkpoint.preemption_check_steps) as guard:
+        for step in range(start_step + 1, num_steps + 1):
+          state, step_metrics = train_step(state, next(batches))
+          history.append((step, step_metrics))
+          if step % config.log_every_steps == 0 or step == num_steps:
+            fetched = fetch_history(history)  # the only host sync between log steps
+            history = []
+            summary = mean_metrics(fetched)
+            now = time.time()
+            summary["images_per_sec"] = ((step - last_log_step) * config.batch_size /
+                                         (now - last_log_time))
+            summary["epoch"] = step / steps_per_epoch
+            eta = (now - train_start) / (step - start_step) * (num_steps - step)
+            reporter.write(step, "train", summary)
+            reporter.progress(step, summary, eta)
+            last_log_time, last_log_step = now, step
+          eval_results = None
+          if eval_every and step % eval_every == 0 and step != num_steps:
+            eval_results = run_eval(state, step)
+          stop = guard.should_stop(step)
+          if (checkpointer.should_save(step, num_steps) or stop
+              or (eval_results and config.checkpoint.best_metric)):
+            fetch_history(history)  # never save a non-finite state
+            blocked = checkpointer.save(step, state, batches, metrics=eval_results)
+            reporter.write(step, "checkpoint", {"save_blocked_seconds": blocked})
+          if stop:
+            checkpointer.wait()
+            reporter.log(f"Stopped by {guard.received or 'a signal to another process'} after "
+                         f"step {step}; saved "
+                         f"{checkpointer.step_dir(step)}. Run the same command to resume.")
+            return {"preempted": True, "step": step, "signal": guard.received}
+      train_seconds = time.time() - train_start
+
+      # Evaluate and export.
+      final = run_eval(state, num_steps)
+      checkpoint.export_variables(checkpoint.export_dir(workdir), state, {
+          "step": num_steps, "model": config.model.to_dict(),
+          "num_classes": config.data.num_classes, "class_names": list(train_source.class_names),
+          "image_size": config.data.image_size, "eval_resize": config.data.eval_resize,
+          "mean": list(config.data.mean), "std": list(config.data.std)})
+    finally:
+      checkpointer.close()  # a pending async save completes even when training failed
+
+    results = {
+        "step": num_steps,
+        "split": config.data.eval_split,
+        "eval": final,
+        "resumed_from_step": start_step,
+        "train_seconds": train_seconds,
+        "compile_seconds": compile_seconds,
+        "total_seconds": time.time() - start_time,
+    }
+    if is_main:
+      report.write_json(os.path.join(workdir, "results.json"), results)
+      plots.write_report(workdir)
+    reporter.log(f"Done: {config.data.eval_split} accuracy {final['accuracy']:.4f} after "
+                 f"{num_steps} steps; {report.format_duration(results['total_seconds'])} in all.")
+    return results
   finally:
-    checkpointer.close()  # a pending async save completes even when training failed
-
-  results = {
-      "step": num_steps,
-      "split": config.data.eval_split,
-      "eval": final,
-      "resumed_from_step": start_step,
-      "train_seconds": train_seconds,
-      "compile_seconds": compile_seconds,
-      "total_seconds": time.time() - start_time,
-  }
-  if is_main:
-    report.write_json(os.path.join(workdir, "results.json"), results)
-    plots.write_report(workdir)
-  reporter.log(f"Done: {config.data.eval_split} accuracy {final['accuracy']:.4f} after "
-               f"{num_steps} steps; {report.format_duration(results['total_seconds'])} in all.")
-  reporter.close()
-  return results
+    reporter.close()
