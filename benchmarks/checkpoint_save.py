@@ -15,8 +15,9 @@ import time
 
 import jax
 
-from jaxcls import checkpoint, models, optim, train
+from jaxcls import build, checkpoint, models, optim, sharding
 from jaxcls import config as config_lib
+from jaxcls.data import pipeline, sources
 
 
 def main():
@@ -32,17 +33,17 @@ def main():
   config.model.name, config.model.width, config.model.stem = args.model, args.width, args.stem
   config.data.num_classes = args.num_classes
   config.data.source = "synthetic"  # the data position is saved too; its content is irrelevant
-  mesh = train.sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   model = models.create_model(config.model, args.num_classes)
   tx = optim.create_optimizer(config.optim, optim.create_schedule(config.optim, 256, 100, 10))
-  state, _ = train.create_train_state(model, tx, config, mesh)
+  state, _ = build.create_train_state(model, tx, config, mesh)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
 
   workdir = tempfile.mkdtemp()
   try:
     saver = checkpoint.Checkpointer(workdir, config.checkpoint, 1, checkpoint.run_metadata(config))
-    data = iter(train.pipeline.create_train_dataset(
-        config.data, train.sources.create_source(config.data, "train"), 256, 0))
+    data = iter(pipeline.create_train_dataset(
+        config.data, sources.create_source(config.data, "train"), 256, 0))
     print(f"{args.model} w{args.width}: train state {state_bytes / 2**20:.1f} MiB on "
           f"{jax.device_count()} device(s)")
     for step in range(1, args.repeats + 1):

@@ -14,8 +14,8 @@ from typing import Callable
 import jax
 
 from jaxcls import config as config_lib
-from jaxcls import main as jaxcls_main
-from jaxcls import models, optim, sharding, steps, train
+from jaxcls import build
+from jaxcls import models, optim, sharding, steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,18 +53,18 @@ def jaxcls_train_step(config, num_steps: int = 1000, steps_per_epoch: int = 100)
   """The same modules and calls as jaxcls.train.run, minus the data and the loop."""
   config_lib.check_config(config, jax.device_count(), jax.process_count())
   # As jaxcls.main does; a later call cannot move the cache once something has compiled.
-  jaxcls_main.enable_compilation_cache(config.compilation_cache_dir)
+  build.enable_compilation_cache(config.compilation_cache_dir)
   mesh = sharding.make_mesh(config.mesh)
   model = models.create_model(config.model, config.data.num_classes)
   schedule = optim.create_schedule(config.optim, config.batch_size, num_steps, steps_per_epoch)
   tx = optim.create_optimizer(config.optim, schedule)
-  abstract_state, state_shardings = train.train_state_shapes(model, tx, config, mesh)
-  step = train.compile_train_step(
+  abstract_state, state_shardings = build.abstract_train_state(model, tx, config, mesh)
+  step = build.compile_train_step(
       steps.make_train_step(
           model, config.data, config.optim, schedule, config.grad_accum_steps,
           sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
       abstract_state, state_shardings, mesh, config)
-  state, _ = train.create_train_state(model, tx, config, mesh)
+  state, _ = build.create_train_state(model, tx, config, mesh)
   return JaxclsStep(config, mesh, step, state)
 
 

@@ -13,7 +13,6 @@ orbax writes a step into a temporary directory and renames it when every process
 so a kill at any moment leaves either a complete step or none.
 """
 
-import os
 import shutil
 import time
 
@@ -23,6 +22,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from jaxcls import workdir as workdir_lib
+from jaxcls.errors import CheckpointError, ConfigError
+
 # Keys whose change alters the train state's structure or shapes: a checkpoint saved under
 # other values cannot be restored into this run's state.
 STATE_KEYS = ("model.name", "model.width", "model.stem", "data.num_classes")
@@ -31,8 +33,19 @@ STATE_KEYS = ("model.name", "model.width", "model.stem", "data.num_classes")
 DATA_KEYS = ("batch_size", "process_count", "data.source", "data.train_split", "seed")
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used; the message names the step directory and the way out."""
+def check_config(ckpt_config) -> None:
+  if ckpt_config.keep < 1:
+    raise ConfigError(f"config.checkpoint.keep={ckpt_config.keep} must be at least 1.")
+  if ckpt_config.best_mode not in ("max", "min"):
+    raise ConfigError(f"config.checkpoint.best_mode={ckpt_config.best_mode!r}: use "
+                      "'max' or 'min'.")
+
+
+def save_every_steps(ckpt_config, steps_per_epoch: int) -> int:
+  """config.checkpoint.every_steps, else every_epochs in steps (at least 1)."""
+  if ckpt_config.every_steps > 0:
+    return int(ckpt_config.every_steps)
+  return max(1, int(round(ckpt_config.every_epochs * steps_per_epoch)))
 
 
 def run_metadata(config) -> dict:
@@ -48,18 +61,12 @@ def run_metadata(config) -> dict:
   return values
 
 
-def abstract_with_shardings(abstract_state, shardings):
-  """Shapes and dtypes of the state with the shardings to restore it onto."""
-  return jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      abstract_state, shardings)
-
-
 class Checkpointer:
   """Saves and restores {state, data, meta} under <workdir>/checkpoints."""
 
   def __init__(self, workdir: str, ckpt_config, save_every_steps: int, metadata: dict):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.workdir = workdir
+    self.directory = workdir_lib.checkpoints_dir(workdir)
     self.config = ckpt_config
     self.save_every_steps = save_every_steps
     self.metadata = metadata
@@ -82,7 +89,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return str(ocp.step.build_step_path(self.directory, ocp.step.standard_name_format(), step))
 
   def should_save(self, step: int, last_step: int) -> bool:
     return step == last_step or (self.save_every_steps > 0 and step % self.save_every_steps == 0)
@@ -127,8 +134,7 @@ class Checkpointer:
 
   def set_aside(self, step: int) -> str:
     """Moves a damaged step out of the way (never deletes it) so later saves can use the name."""
-    target = os.path.join(os.path.dirname(self.directory), f"damaged_checkpoint_{step}_"
-                          f"{int(time.time())}")
+    target = workdir_lib.damaged_checkpoint_dir(self.workdir, step, int(time.time()))
     if jax.process_index() == 0:
       shutil.move(self.step_dir(step), target)
     if jax.process_count() > 1:
@@ -179,8 +185,30 @@ def restore_latest(checkpointer: Checkpointer, abstract_state, data_iterator, lo
   return None, 0, False
 
 
-def export_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "export")
+def resume(checkpointer: Checkpointer, abstract_state, data_iterator, steps_per_epoch: int,
+           log) -> tuple:
+  """Restores the latest usable checkpoint and positions the data: -> (state or None, step).
+
+  The data continues at the saved position; when that position does not fit this run
+  (checkpoint.restart_data_on_mismatch), at the start of the next epoch instead.
+  """
+  state, step, data_restored = restore_latest(checkpointer, abstract_state, data_iterator, log)
+  if state is None:
+    return None, 0
+  if not data_restored:
+    next_epoch = -(-step // steps_per_epoch)
+    grain.experimental.set_next_index(data_iterator, next_epoch * steps_per_epoch)
+  log(f"Resumed from {checkpointer.step_dir(step)} (step {step}), "
+      + ("data position included." if data_restored else "data restarted at the next epoch."))
+  return state, step
+
+
+def export_info(config, class_names, step: int) -> dict:
+  """What inference needs to know besides the weights: model, classes, preprocessing."""
+  return {"step": step, "model": config.model.to_dict(), "num_classes": config.data.num_classes,
+          "class_names": list(class_names), "image_size": config.data.image_size,
+          "eval_resize": config.data.eval_resize, "mean": list(config.data.mean),
+          "std": list(config.data.std)}
 
 
 def export_variables(directory: str, state, info: dict) -> None:
@@ -190,18 +218,14 @@ def export_variables(directory: str, state, info: dict) -> None:
   """
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, "variables"), variables, force=True)
+  checkpointer.save(workdir_lib.export_variables_dir(directory), variables, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    from jaxcls import report  # here: report imports nothing of ours, but keep import order flat
-    report.write_json(os.path.join(directory, "model.json"), info)
+    workdir_lib.write_json(workdir_lib.export_info_path(directory), info)
 
 
 def load_export(directory: str):
   """-> (variables {"params", "batch_stats"} as numpy-backed arrays, info dict)."""
-  import json
-  with open(os.path.join(directory, "model.json"), encoding="utf-8") as f:
-    info = json.load(f)
-  variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory),
-                                                              "variables"))
+  info = workdir_lib.read_export_info(directory)
+  variables = ocp.StandardCheckpointer().restore(workdir_lib.export_variables_dir(directory))
   return variables, info

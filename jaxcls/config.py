@@ -3,6 +3,9 @@
 Config files under configs/ call `base_config()` and change what they need, so every key a
 run can use is listed here once, with its default and a comment. A key that is not here is a
 typo: `check_config` names it and suggests the closest known key.
+
+Each module checks its own part of the config (`<module>.check_config`); `check_config` here
+calls them all and adds only the checks that span modules (the batch over the mesh).
 """
 
 import difflib
@@ -11,6 +14,10 @@ import math
 import os
 
 import ml_collections
+
+from jaxcls import checkpoint, distributed, models, optim, sharding
+from jaxcls.data import augment, mixing, pipeline, sources, transforms
+from jaxcls.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -130,14 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.eval_every_epochs = 0.0  # 0: evaluate only at the end
   # Persistent XLA compilation cache: a second start of the same config loads the compiled
-  # steps instead of compiling them again. "" turns it off. Set by jaxcls.main.
+  # steps instead of compiling them again. "" turns it off. Set by jaxcls.build.
   config.compilation_cache_dir = "~/.cache/jaxcls/xla"
   config.eval_top_k = (1, 5)  # top-k accuracies to report (k >= the class count is skipped)
   return config
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key and the fix."""
 
 
 def _flat_keys(config, prefix="") -> dict:
@@ -151,14 +154,19 @@ def _flat_keys(config, prefix="") -> dict:
   return out
 
 
+def _check_known(key: str, known, spell=lambda key: f"config.{key}") -> None:
+  """A ConfigError for an unknown dotted key, with the closest known one (spelled alike)."""
+  if key not in known:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean {spell(close[0])}?" if close else ""
+    raise ConfigError(f"{spell(key)} is not a known config key.{hint} "
+                      "Known keys are listed in jaxcls/config.py.")
+
+
 def check_known_keys(config) -> None:
   known = _flat_keys(base_config())
   for key in _flat_keys(config):
-    if key not in known:
-      close = difflib.get_close_matches(key, known, n=1)
-      hint = f" Did you mean config.{close[0]}?" if close else ""
-      raise ConfigError(f"config.{key} is not a known config key.{hint} "
-                        "Known keys are listed in jaxcls/config.py.")
+    _check_known(key, known)
 
 
 def load_config(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -179,10 +187,7 @@ def load_config(path: str, overrides: dict | None = None) -> ml_collections.Conf
   config = module.get_config(arg) if arg else module.get_config()
   known = _flat_keys(base_config())
   for key, value in (overrides or {}).items():
-    if key not in known:
-      close = difflib.get_close_matches(key, known, n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ConfigError(f"Override {key!r} is not a known config key.{hint}")
+    _check_known(key, known, spell=repr)
     *parents, leaf = key.split(".")
     node = config
     for parent in parents:
@@ -195,115 +200,36 @@ def load_config(path: str, overrides: dict | None = None) -> ml_collections.Conf
   return config
 
 
-def check_parallelism(config, mesh_sizes: dict, num_devices: int, process_count: int) -> None:
-  """ZeRO stage, sharding rules, gradient accumulation, model axis and distributed keys."""
-  from jaxcls import distributed, sharding  # they import JAX
-
-  if config.mesh.zero_stage not in sharding.ZERO_STAGES:
-    raise ConfigError(f"config.mesh.zero_stage={config.mesh.zero_stage!r}: use 0 (replicated), "
-                      "1 (optimizer state split), 2 (gradients too) or 3 (parameters too).")
-  try:
-    sharding.check_rules(config.mesh.rules)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  local_devices = num_devices // process_count
-  if local_devices % mesh_sizes["model"]:
-    raise ConfigError(
-        f"config.mesh.model={mesh_sizes['model']} does not divide the {local_devices} devices "
-        "of one process: a model group must stay within one host (its devices share the "
-        "same examples).")
+def _check_batch_sizes(config, mesh_sizes: dict, process_count: int) -> None:
+  """The global batches over the mesh, the micro-batches and the processes."""
   accum = config.grad_accum_steps
   if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
     raise ConfigError(f"config.grad_accum_steps={accum!r} must be a positive integer.")
   batch_shards = math.prod(mesh_sizes[axis] for axis in sharding.BATCH_AXES)
-  if config.batch_size % (accum * batch_shards):
-    multiple = accum * batch_shards
-    raise ConfigError(
-        f"config.batch_size={config.batch_size} does not split into {accum} micro-batches "
-        f"(config.grad_accum_steps) over the {batch_shards} data-parallel devices. Use a "
-        f"multiple of {multiple}, e.g. --config.batch_size="
-        f"{max(multiple, config.batch_size // multiple * multiple)}.")
-  if config.distributed.cluster_detection not in distributed.CLUSTER_DETECTION:
-    raise ConfigError(
-        f"config.distributed.cluster_detection={config.distributed.cluster_detection!r}: use "
-        f"one of {', '.join(distributed.CLUSTER_DETECTION)}.")
-  if config.distributed.timeout_seconds <= 0:
-    raise ConfigError(f"config.distributed.timeout_seconds="
-                      f"{config.distributed.timeout_seconds} must be positive.")
+  for key, parts in (("batch_size", accum), ("eval_batch_size", 1)):
+    size = config[key]
+    pipeline.local_batch_size(size, process_count, key)  # positive, and splits over processes
+    multiple = parts * batch_shards
+    if size % multiple:
+      problem = (f"does not split into {parts} micro-batches (config.grad_accum_steps) over "
+                 f"the {batch_shards} data-parallel devices" if parts > 1 else
+                 f"is not divisible by the {batch_shards} data-parallel devices (mesh data="
+                 f"{mesh_sizes['data']} x fsdp={mesh_sizes['fsdp']})")
+      raise ConfigError(f"config.{key}={size} {problem}. Use a multiple of {multiple}, e.g. "
+                        f"--config.{key}={max(multiple, size // multiple * multiple)}.")
 
 
 def check_config(config, num_devices: int, process_count: int = 1) -> None:
   """Everything that can be checked from the config and the device count alone."""
-  # Imported here: the registries live with their modules, which import JAX.
-  from jaxcls import models, optim, sharding
-  from jaxcls.data import sources, transforms
-
   check_known_keys(config)
-  try:
-    mesh_sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  batch_shards = math.prod(mesh_sizes[axis] for axis in sharding.BATCH_AXES)
-  for key in ("batch_size", "eval_batch_size"):
-    size = config[key]
-    if size <= 0:
-      raise ConfigError(f"config.{key}={size} must be positive.")
-    if size % batch_shards:
-      raise ConfigError(
-          f"config.{key}={size} is not divisible by the {batch_shards} data-parallel devices "
-          f"(mesh data={mesh_sizes['data']} x fsdp={mesh_sizes['fsdp']}). Use a multiple of "
-          f"{batch_shards}, e.g. --config.{key}={max(batch_shards, size // batch_shards * batch_shards)}.")
-    if size % process_count:
-      raise ConfigError(f"config.{key}={size} is not divisible by the {process_count} processes.")
-  check_parallelism(config, mesh_sizes, num_devices, process_count)
-  try:
-    models.validate_model_config(config.model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if config.data.source not in sources.SOURCES:
-    raise ConfigError(
-        f"config.data.source={config.data.source!r} is not known; use one of "
-        f"{', '.join(sorted(sources.SOURCES))}.")
-  if config.data.train_augment not in transforms.TRAIN_AUGMENTS:
-    raise ConfigError(
-        f"config.data.train_augment={config.data.train_augment!r} is not known; use one of "
-        f"{', '.join(transforms.TRAIN_AUGMENTS)}.")
-  _check_data(config.data)
-  if config.optim.schedule not in optim.SCHEDULES:
-    raise ConfigError(f"config.optim.schedule={config.optim.schedule!r} is not known; use one "
-                      f"of {', '.join(optim.SCHEDULES)}.")
-  if config.optim.lr_scaling not in optim.LR_SCALINGS:
-    raise ConfigError(f"config.optim.lr_scaling={config.optim.lr_scaling!r} is not known; use "
-                      f"one of {', '.join(optim.LR_SCALINGS)}.")
-  if config.checkpoint.keep < 1:
-    raise ConfigError(f"config.checkpoint.keep={config.checkpoint.keep} must be at least 1.")
-  if config.checkpoint.best_mode not in ("max", "min"):
-    raise ConfigError(f"config.checkpoint.best_mode={config.checkpoint.best_mode!r}: use "
-                      "'max' or 'min'.")
+  mesh_sizes = sharding.check_mesh_config(config.mesh, num_devices, process_count)
+  _check_batch_sizes(config, mesh_sizes, process_count)
+  models.check_config(config.model)
+  optim.check_config(config.optim)
+  for check_data in (sources.check_config, transforms.check_config, augment.check_config,
+                     mixing.check_config, pipeline.check_config):
+    check_data(config.data)
+  checkpoint.check_config(config.checkpoint)
+  distributed.check_config(config.distributed)
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("Set config.num_epochs or config.num_train_steps to a positive number.")
-  for key in ("mean", "std"):
-    if len(config.data[key]) != 3:
-      raise ConfigError(f"config.data.{key} needs 3 values (R, G, B), got {config.data[key]}.")
-
-
-def _check_data(data) -> None:
-  from jaxcls.data import augment  # pylint: disable=g-import-not-at-top
-
-  if data.auto_augment not in augment.AUTO_AUGMENTS:
-    raise ConfigError(f"config.data.auto_augment={data.auto_augment!r} is not known; use one "
-                      f"of {', '.join(augment.AUTO_AUGMENTS)}.")
-  ranges = {"eval_fraction": (0.0, 1.0, False), "max_corrupt_fraction": (0.0, 1.0, True),
-            "random_erasing": (0.0, 1.0, True), "mix_prob": (0.0, 1.0, True),
-            "randaugment_magnitude": (0.0, 10.0, True)}
-  for key, (low, high, closed) in ranges.items():
-    value = data[key]
-    if not (low <= value <= high if closed else low <= value < high):
-      raise ConfigError(f"config.data.{key}={value} must be in [{low}, {high}"
-                        f"{']' if closed else ')'}.")
-  for key in ("mixup_alpha", "cutmix_alpha", "randaugment_num_ops"):
-    if data[key] < 0:
-      raise ConfigError(f"config.data.{key}={data[key]} must not be negative.")
-  if data.num_workers < -1:
-    raise ConfigError(f"config.data.num_workers={data.num_workers}: use -1 (from the cores), "
-                      "0 (no worker processes) or a count.")

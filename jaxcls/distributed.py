@@ -19,6 +19,8 @@ import threading
 
 import jax
 
+from jaxcls.errors import ConfigError, check_choice
+
 CLUSTER_DETECTION = ("auto", "jax", "off")
 # jax.distributed's own connect timeout is a backstop behind our watchdog: when it expires
 # the runtime aborts the process with a C++ stack trace instead of a Python error.
@@ -33,6 +35,15 @@ class Settings:
   num_processes: int | None = None
   process_id: int | None = None
   local_device_ids: tuple[int, ...] | None = None
+
+
+def check_config(dist_config) -> None:
+  """config.distributed: the detection mode and the join timeout."""
+  check_choice("distributed.cluster_detection", dist_config.cluster_detection,
+               CLUSTER_DETECTION)
+  if dist_config.timeout_seconds <= 0:
+    raise ConfigError(f"config.distributed.timeout_seconds={dist_config.timeout_seconds} "
+                      "must be positive.")
 
 
 def _int_env(environ, name: str) -> int:
@@ -86,6 +97,7 @@ def resolve(dist_config, coordinator_address: str = "", num_processes: int = 0,
 
   The keyword arguments are the command-line flags; set ones override dist_config.
   """
+  check_config(dist_config)
   env = os.environ if environ is None else environ
   address = coordinator_address or dist_config.coordinator_address
   count = num_processes if num_processes > 0 else dist_config.num_processes
@@ -121,9 +133,6 @@ def resolve(dist_config, coordinator_address: str = "", num_processes: int = 0,
         _int_env(env, "RANK"), local))
 
   mode = dist_config.cluster_detection
-  if mode not in CLUSTER_DETECTION:
-    raise ValueError(f"config.distributed.cluster_detection={mode!r}: use one of "
-                     f"{', '.join(CLUSTER_DETECTION)}.")
   if mode == "jax":
     return Settings("JAX's cluster detection")
   cluster = detect_cluster(env) if mode == "auto" else None
@@ -153,9 +162,7 @@ def initialize(dist_config, coordinator_address: str = "", num_processes: int = 
   settings = resolve(dist_config, coordinator_address, num_processes, process_id)
   if settings is None or jax.distributed.is_initialized():
     return None
-  timeout_s = float(dist_config.timeout_seconds)
-  if timeout_s <= 0:
-    raise ValueError(f"config.distributed.timeout_seconds={timeout_s:g} must be positive.")
+  timeout_s = float(dist_config.timeout_seconds)  # positive: resolve() checked it
   # CPU collectives across processes need gloo (the default has none). Harmless on GPU/TPU,
   # and it must be set before the backend starts, so it cannot depend on the backend.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

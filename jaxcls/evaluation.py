@@ -1,25 +1,19 @@
 """Evaluation: one exact pass over a split, every example counted once over all hosts.
 
 The eval pipeline pads the last batch and marks padding with mask=False; the compiled
-eval_step returns each example's probabilities replicated on every process, so each process
-can compute (identical) exact metrics, and process 0 writes them.
+eval_step (build.compile_eval_step) returns each example's probabilities replicated on every
+process, so each process can compute (identical) exact metrics, and process 0 writes them.
 """
-
-import os
 
 import jax
 import numpy as np
 
-from jaxcls import metrics, report, sharding
+from jaxcls import metrics, sharding
+from jaxcls import workdir as workdir_lib
 from jaxcls.data import pipeline
 
-
-def compile_eval_step(eval_step, state, state_shardings, mesh, batch_spec):
-  """jit once: the batch sharded like training, outputs replicated (gathered for scoring)."""
-  jitted = jax.jit(eval_step,
-                   in_shardings=(state_shardings, jax.tree.map(lambda s: s.sharding, batch_spec)),
-                   out_shardings=sharding.replicated(mesh))
-  return jitted.lower(state, batch_spec).compile()
+# The numbers an eval's progress line shows, when the result has them.
+SHOWN = ("loss", "accuracy", "top5_accuracy", "f1_macro", "roc_auc_macro")
 
 
 def evaluate(eval_step, state, eval_dataset, mesh, class_names, top_k=(1, 5),
@@ -40,35 +34,33 @@ def evaluate(eval_step, state, eval_dataset, mesh, class_names, top_k=(1, 5),
 
 
 def write_result(workdir: str, split: str, step: int, result: dict) -> str:
-  """<workdir>/eval/<split>_<step>.json (process 0 only); returns the path."""
-  path = os.path.join(workdir, "eval", f"{split}_{step}.json")
+  """The run directory's eval file for (split, step), written by process 0; returns its path."""
   if jax.process_index() == 0:
-    report.write_json(path, {"split": split, "step": step, **result})
-  return path
+    return workdir_lib.write_eval(workdir, split, step, result)
+  return workdir_lib.eval_path(workdir, split, step)
 
 
-def format_table(result: dict) -> str:
-  """A readable table: overall numbers, then one line per class."""
-  lines = []
-  lines.append(f"{'metric':<20}{'value':>10}")
-  for name, value in metrics.scalar_summary(result).items():
-    if name not in ("num_examples", "step"):
-      lines.append(f"{name:<20}{value:>10.4f}")
-  lines.append(f"{'examples':<20}{result['num_examples']:>10d}")
-  if result["absent_classes"]:
-    lines.append(f"absent from the labels (left out of macro averages): "
-                 f"{', '.join(result['absent_classes'])}")
-  per_class = result["per_class"]
-  width = max(12, max(len(str(n)) for n in per_class["class_names"]) + 2)
-  lines.append("")
-  lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'roc_auc':>10}"
-               f"{'support':>10}")
+class Evaluator:
+  """The periodic and final evaluation of a training run: evaluate, write, report."""
 
-  def cell(value):
-    return f"{'-':>10}" if value is None else f"{value:>10.4f}"
+  def __init__(self, config, eval_step, eval_dataset, mesh, class_names, workdir: str,
+               reporter):
+    self.config = config
+    self.eval_step = eval_step
+    self.dataset = eval_dataset
+    self.mesh = mesh
+    self.class_names = class_names
+    self.workdir = workdir
+    self.reporter = reporter
 
-  for i, name in enumerate(per_class["class_names"]):
-    lines.append(f"{name:<{width}}{cell(per_class['precision'][i])}{cell(per_class['recall'][i])}"
-                 f"{cell(per_class['f1'][i])}{cell(per_class['roc_auc'][i])}"
-                 f"{per_class['support'][i]:>10d}")
-  return "\n".join(lines)
+  def __call__(self, state, step: int) -> dict:
+    """-> the scalar metrics (what metrics.jsonl and TensorBoard get)."""
+    result = evaluate(self.eval_step, state, self.dataset, self.mesh, self.class_names,
+                      tuple(self.config.eval_top_k), self.config.data.prefetch_batches)
+    write_result(self.workdir, self.config.data.eval_split, step, result)
+    scalars = metrics.scalar_summary(result)
+    self.reporter.write(step, "eval", scalars)
+    self.reporter.log(f"eval at step {step}: " + " | ".join(
+        f"{k} {scalars[k]:.4f}" for k in SHOWN if k in scalars)
+        + f" ({result['num_examples']} examples)")
+    return scalars

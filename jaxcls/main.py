@@ -1,11 +1,10 @@
 """Command line: `python -m jaxcls.main --config configs/default.py --workdir runs/default`.
 
 Parses flags, starts multi-process JAX if asked, and calls jaxcls.train.run; no training
-logic lives here, so a notebook can call train.run(config, workdir) the same way.
+logic lives here (not even the compilation cache: jaxcls.build switches it on), so a notebook can call train.run(config, workdir) the same way.
 Any config key can be overridden: `--config.batch_size=512 --config.model.name=resnet50`.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -35,52 +34,29 @@ def parse_flags(argv):
     sys.exit(f"error: bad config override: {message}")
 
 
-# Steps that compile faster than this are not worth a cache file (and eager ops would add
-# hundreds of tiny ones); the train and eval steps of every model here take longer.
-CACHE_MIN_COMPILE_SECONDS = 0.3
-
-
-def enable_compilation_cache(path: str) -> None:
-  """Turns JAX's persistent compilation cache on at path ("" turns it off); before any jit."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  if not path:
-    jax.config.update("jax_enable_compilation_cache", False)
-    return
-  path = os.path.expanduser(path)
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:  # a read-only home must not stop training
-    logging.warning("Compilation cache off: cannot create %s (%s).", path, e)
-    return
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
-
-
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   # Imported after flag parsing: grain worker processes read absl flags.
-  from jaxcls import checkpoint
   from jaxcls import config as config_lib
   from jaxcls import distributed, train
+  from jaxcls.errors import CheckpointError, ConfigError
 
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   try:
     config_lib.check_known_keys(config)  # before config.distributed is read
-    enable_compilation_cache(config.compilation_cache_dir)
     distributed.initialize(config.distributed, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
-  except config_lib.ConfigError as e:
+  except ConfigError as e:
     sys.exit(f"config error: {e}")
   except ValueError as e:  # inconsistent process settings
     sys.exit(f"error: {e}")
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
-  except config_lib.ConfigError as e:
+  except ConfigError as e:
     sys.exit(f"config error: {e}")
-  except checkpoint.CheckpointError as e:
+  except CheckpointError as e:
     sys.exit(f"checkpoint error: {e}")
   except FloatingPointError as e:
     sys.exit(f"training stopped: {e}")

@@ -7,17 +7,14 @@ Activations are not included: they depend on the batch, not on the stage.
 
 import jax
 
-from jaxcls import models, optim, sharding, steps
+from jaxcls import build, sharding
 
 MIB = 2**20
 
 
 def _abstract_state(config):
-  """The train state as shapes; the schedule's numbers do not change any shape."""
-  model = models.create_model(config.model, config.data.num_classes)
-  tx = optim.create_optimizer(config.optim, optim.create_schedule(config.optim, 256, 100, 10))
-  init = lambda rng: steps.init_train_state(model, tx, config.data.image_size, rng)
-  return jax.eval_shape(init, jax.random.key(0))
+  _, tx = build.create_optimizer(config)
+  return build.state_shapes(build.create_model(config), tx, config)
 
 
 def state_memory(config, mesh=None) -> dict:

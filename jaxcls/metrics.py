@@ -117,3 +117,30 @@ def scalar_summary(result: dict) -> dict:
   """The single numbers of a result (for metrics.jsonl and TensorBoard); None is skipped."""
   return {k: v for k, v in result.items()
           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def format_table(result: dict) -> str:
+  """A readable table: overall numbers, then one line per class."""
+  lines = []
+  lines.append(f"{'metric':<20}{'value':>10}")
+  for name, value in scalar_summary(result).items():
+    if name not in ("num_examples", "step"):
+      lines.append(f"{name:<20}{value:>10.4f}")
+  lines.append(f"{'examples':<20}{result['num_examples']:>10d}")
+  if result["absent_classes"]:
+    lines.append(f"absent from the labels (left out of macro averages): "
+                 f"{', '.join(result['absent_classes'])}")
+  per_class = result["per_class"]
+  width = max(12, max(len(str(n)) for n in per_class["class_names"]) + 2)
+  lines.append("")
+  lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'roc_auc':>10}"
+               f"{'support':>10}")
+
+  def cell(value):
+    return f"{'-':>10}" if value is None else f"{value:>10.4f}"
+
+  for i, name in enumerate(per_class["class_names"]):
+    lines.append(f"{name:<{width}}{cell(per_class['precision'][i])}{cell(per_class['recall'][i])}"
+                 f"{cell(per_class['f1'][i])}{cell(per_class['roc_auc'][i])}"
+                 f"{per_class['support'][i]:>10d}")
+  return "\n".join(lines)

@@ -3,8 +3,16 @@
 import flax
 import optax
 
+from jaxcls.errors import check_choice
+
 SCHEDULES = ("cosine", "constant", "step")
 LR_SCALINGS = ("none", "linear")
+
+
+def check_config(optim_config) -> None:
+  """Raises ConfigError for a config.optim that no schedule or optimizer here can build."""
+  check_choice("optim.schedule", optim_config.schedule, SCHEDULES)
+  check_choice("optim.lr_scaling", optim_config.lr_scaling, LR_SCALINGS)
 
 
 def peak_learning_rate(optim_config, batch_size: int) -> float:
@@ -18,6 +26,7 @@ def peak_learning_rate(optim_config, batch_size: int) -> float:
 def create_schedule(optim_config, batch_size: int, total_steps: int,
                     steps_per_epoch: int) -> optax.Schedule:
   """Linear warmup from 0, then cosine to 0, constant, or step decay at fractions of training."""
+  check_config(optim_config)
   peak = peak_learning_rate(optim_config, batch_size)
   warmup_steps = min(int(round(optim_config.warmup_epochs * steps_per_epoch)), total_steps)
   name = optim_config.schedule
@@ -27,15 +36,12 @@ def create_schedule(optim_config, batch_size: int, total_steps: int,
         decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
   if name == "constant":
     after_warmup = optax.constant_schedule(peak)
-  elif name == "step":
+  else:  # "step"
     boundaries = {
         int(fraction * total_steps) - warmup_steps: optim_config.step_decay
         for fraction in optim_config.step_boundaries
     }
     after_warmup = optax.piecewise_constant_schedule(peak, boundaries)
-  else:
-    raise ValueError(
-        f"config.optim.schedule={name!r} is not known; use one of {', '.join(SCHEDULES)}.")
   if warmup_steps == 0:
     return after_warmup
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)

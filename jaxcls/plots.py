@@ -4,47 +4,15 @@ Everything is read back from metrics.jsonl and eval/*.json, so a report can be d
 time, also while training runs or after it was killed (`python -m jaxcls.report --workdir`).
 """
 
-import glob
-import json
 import os
-import re
 
 # Figures without pyplot: no display or backend needed, and a notebook's own backend
 # (inline plots) is left alone.
 from matplotlib.figure import Figure
 import numpy as np
 
-from jaxcls import evaluation
-
-
-def read_metrics(workdir: str) -> dict:
-  """split -> list of records, the last record of each step winning (a resume replays steps)."""
-  by_split: dict = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return by_split
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue  # a partial last line
-      by_split.setdefault(record["split"], {})[record["step"]] = record
-  return {split: [steps[s] for s in sorted(steps)] for split, steps in by_split.items()}
-
-
-def latest_eval(workdir: str):
-  """The eval JSON with the highest step, or None."""
-  steps = {}
-  for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
-    match = re.fullmatch(r".+_(\d+)\.json", os.path.basename(path))
-    if match:
-      steps[path] = int(match.group(1))
-  if not steps:
-    return None
-  path = max(steps, key=steps.get)
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+from jaxcls import metrics
+from jaxcls import workdir as workdir_lib
 
 
 def _curve(path, title, ylabel, series):
@@ -108,36 +76,36 @@ def _recall_bars(path, result):
 
 def write_report(workdir: str) -> list:
   """Draws every plot the files allow and summary.md; returns the paths written."""
-  out = os.path.join(workdir, "report")
-  os.makedirs(out, exist_ok=True)
-  records = read_metrics(workdir)
+  os.makedirs(workdir_lib.report_dir(workdir), exist_ok=True)
+  records = workdir_lib.read_metrics(workdir)
   train, evals = records.get("train", []), records.get("eval", [])
   written = []
 
-  def target(name):
-    written.append(os.path.join(out, name))
+  def target(plot):
+    written.append(workdir_lib.report_plot_path(workdir, plot))
     return written[-1]
 
   if train or evals:
-    _curve(target("loss.png"), "Loss", "loss",
+    _curve(target("loss"), "Loss", "loss",
            [("train", train, "loss"), ("eval", evals, "loss")])
-    _curve(target("accuracy.png"), "Top-1 accuracy", "accuracy",
+    _curve(target("accuracy"), "Top-1 accuracy", "accuracy",
            [("train", train, "accuracy"), ("eval", evals, "accuracy")])
   if train:
-    _curve(target("learning_rate.png"), "Learning rate", "learning rate",
+    _curve(target("learning_rate"), "Learning rate", "learning rate",
            [("learning rate", train, "learning_rate")])
-  result = latest_eval(workdir)
+  result = workdir_lib.latest_eval(workdir)
   if result is not None:
-    _confusion(target("confusion_matrix.png"), result)
-    _recall_bars(target("per_class_recall.png"), result)
+    _confusion(target("confusion_matrix"), result)
+    _recall_bars(target("per_class_recall"), result)
 
   lines = [f"# Report: {os.path.abspath(workdir)}", ""]
   if result is not None:
     lines += [f"Evaluation of split `{result['split']}` at step {result['step']}:", "",
-              "```", evaluation.format_table(result), "```", ""]
+              "```", metrics.format_table(result), "```", ""]
   else:
     lines += ["No evaluation yet.", ""]
   lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in written]
-  with open(target("summary.md"), "w", encoding="utf-8") as f:
+  summary = workdir_lib.report_summary_path(workdir)
+  with open(summary, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
-  return written
+  return written + [summary]

@@ -7,35 +7,15 @@ preprocessing (decode to RGB, resize, center crop) and normalization.
 
 import argparse
 import json
-import os
 import sys
 
 import jax
 import numpy as np
 
-from jaxcls import checkpoint, steps
-from jaxcls import evaluate as evaluate_lib
-from jaxcls.data import transforms
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
-
-
-def find_images(paths) -> list:
-  found = []
-  for path in paths:
-    if os.path.isdir(path):
-      for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, f) for f in sorted(files)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    elif os.path.isfile(path):
-      found.append(path)
-    else:
-      raise FileNotFoundError(f"{path} is neither an image file nor a folder.")
-  if not found:
-    raise FileNotFoundError(f"No image files in {', '.join(paths)}.")
-  return found
-
+from jaxcls import build, steps
+from jaxcls import workdir as workdir_lib
+from jaxcls.data import image_folder, sources, transforms
+from jaxcls.errors import CheckpointError
 
 def preprocess(path: str, data_config) -> np.ndarray:
   with open(path, "rb") as f:
@@ -47,8 +27,9 @@ def preprocess(path: str, data_config) -> np.ndarray:
 
 def predict(workdir: str, paths, top_k: int = 5, step: int | None = None,
             batch_size: int = 64) -> list:
-  config, model, _, state, _, step = evaluate_lib.restore_state(workdir, step)
-  files = find_images(paths)
+  parts = build.restore_for_inference(workdir, step)
+  config, model, state, step = parts.config, parts.model, parts.state, parts.step
+  files = image_folder.find_images(paths)
   class_names = _class_names(workdir, config)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -68,12 +49,10 @@ def predict(workdir: str, paths, top_k: int = 5, step: int | None = None,
 
 
 def _class_names(workdir: str, config) -> list:
-  """From the classes.json training wrote; else from the run's data source."""
-  path = os.path.join(workdir, "classes.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)["class_names"]
-  from jaxcls.data import sources  # pylint: disable=g-import-not-at-top
+  """The names training wrote to the run directory; else from the run's data source."""
+  names = workdir_lib.read_class_names(workdir)
+  if names is not None:
+    return names
   return list(sources.create_source(config.data, config.data.eval_split).class_names)
 
 
@@ -87,7 +66,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     results = predict(args.workdir, args.paths, args.top_k, args.step)
-  except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+  except (FileNotFoundError, ValueError, CheckpointError) as e:
     sys.exit(f"error: {e}")
   if args.json:
     print(json.dumps(results, indent=2))

@@ -19,7 +19,7 @@ import re
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcls.config import ConfigError
+from jaxcls.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "model")
 # The batch dimension is split over every axis that holds a different share of the data.
@@ -30,27 +30,30 @@ _STAGE_OF_TREE = {"opt_state": 1, "grads": 2, "params": 3, "batch_stats": 3}
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """Turns config.mesh (one axis may be -1) into concrete axis sizes for num_devices."""
+  """Turns config.mesh (one axis may be -1) into concrete axis sizes for num_devices.
+
+  Raises ConfigError naming the axis for sizes that cannot fit the devices.
+  """
   sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
   for name, size in sizes.items():
     if size == 0 or size < -1:
-      raise ValueError(
+      raise ConfigError(
           f"config.mesh.{name}={size}: an axis size must be a positive integer, or -1 to take "
           "the remaining devices.")
   free = [name for name, size in sizes.items() if size == -1]
   if len(free) > 1:
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh: only one axis may be -1, got {', '.join(free)}. Set all but one "
         "to a number.")
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(
+      raise ConfigError(
           f"config.mesh: the fixed axes ({fixed} devices) do not divide the {num_devices} "
           f"devices, so config.mesh.{free[0]}=-1 cannot take the rest.")
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh: data x fsdp x model = {fixed}, but there are {num_devices} devices. "
         "Make the product equal the device count, or set one axis to -1.")
   return sizes
@@ -79,30 +82,46 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 
 def check_rules(rules) -> None:
-  """Raises ValueError unless rules is a sequence of (regex, spec) pairs naming mesh axes."""
+  """Raises ConfigError unless rules is a sequence of (regex, spec) pairs naming mesh axes."""
   for rule in rules:
     if len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"config.mesh.rules: {rule!r} is not a (regex, spec) pair.")
+      raise ConfigError(f"config.mesh.rules: {rule!r} is not a (regex, spec) pair.")
     pattern, spec = rule
     if not isinstance(spec, (tuple, list)):
-      raise ValueError(f"config.mesh.rules: the spec of {pattern!r} is {spec!r}; give a tuple "
+      raise ConfigError(f"config.mesh.rules: the spec of {pattern!r} is {spec!r}; give a tuple "
                        "with one entry per dimension, e.g. (None, 'fsdp'), or () for whole.")
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"config.mesh.rules: bad regex {pattern!r}: {e}.") from None
+      raise ConfigError(f"config.mesh.rules: bad regex {pattern!r}: {e}.") from None
     used = []
     for entry in spec:
       names = entry if isinstance(entry, (tuple, list)) else (entry,)
       for name in names:
         if name is not None and name not in MESH_AXES:
-          raise ValueError(
+          raise ConfigError(
               f"config.mesh.rules: {pattern!r} -> {tuple(spec)!r} names axis {name!r}; the "
               f"axes are {', '.join(MESH_AXES)} (None for a dimension that is not split).")
         if name is not None and name in used:
-          raise ValueError(
+          raise ConfigError(
               f"config.mesh.rules: {pattern!r} -> {tuple(spec)!r} uses axis {name!r} twice.")
         used.append(name)
+
+
+def check_mesh_config(mesh_config, num_devices: int, process_count: int = 1) -> dict[str, int]:
+  """Checks config.mesh for this many devices and processes; -> the resolved axis sizes."""
+  sizes = resolve_mesh_shape(mesh_config, num_devices)
+  if mesh_config.zero_stage not in ZERO_STAGES:
+    raise ConfigError(f"config.mesh.zero_stage={mesh_config.zero_stage!r}: use 0 (replicated), "
+                      "1 (optimizer state split), 2 (gradients too) or 3 (parameters too).")
+  check_rules(mesh_config.rules)
+  local_devices = num_devices // process_count
+  if local_devices % sizes["model"]:
+    raise ConfigError(
+        f"config.mesh.model={sizes['model']} does not divide the {local_devices} devices "
+        "of one process: a model group must stay within one host (its devices share the "
+        "same examples).")
+  return sizes
 
 
 def _spec_axes(entry) -> tuple:

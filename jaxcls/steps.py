@@ -1,6 +1,6 @@
 """The pure per-batch functions: train_step and eval_step, and the train state they carry.
 
-They know nothing of meshes or loops: train.py jits them once with explicit shardings (the
+They know nothing of meshes or loops: build.py jits them once with explicit shardings (the
 only layout they take is an optional one for the gradients, ZeRO stage 2's reduce-scatter).
 """
 
@@ -104,13 +104,13 @@ def make_compute_grads(data_config, optim_config, grad_accum_steps: int = 1,
   return compute_grads
 
 
-def make_train_step(model, data_config, optim_config, schedule, grad_accum_steps: int = 1,
+def make_train_step(data_config, optim_config, schedule, grad_accum_steps: int = 1,
                     grad_shardings=None, seed: int = 0):
   """Builds train_step(state, batch) -> (state, metrics); metrics are device scalars.
 
-  See make_compute_grads for grad_accum_steps and grad_shardings; `seed` seeds mixup / cutmix.
+  The model comes with the state (its apply_fn). See make_compute_grads for grad_accum_steps
+  and grad_shardings; `seed` seeds mixup / cutmix.
   """
-  del model  # the state carries apply_fn
   compute_grads = make_compute_grads(data_config, optim_config, grad_accum_steps,
                                      grad_shardings)
 
@@ -130,7 +130,7 @@ def make_train_step(model, data_config, optim_config, schedule, grad_accum_steps
   return train_step
 
 
-def make_eval_step(model, data_config):
+def make_eval_step(data_config):
   """Builds eval_step(state, batch) -> the batch's loss sum and every example's probabilities.
 
   Exact metrics (top-k, per-class, ROC-AUC) need each example's scores, so the step returns

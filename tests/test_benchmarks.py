@@ -83,7 +83,7 @@ def test_second_start_loads_the_compiled_steps_from_the_cache(tmp_path):
 
 
 def test_empty_cache_dir_turns_the_cache_off():
-  code = ("import jax; from jaxcls import main; main.enable_compilation_cache('');"
+  code = ("import jax; from jaxcls import build; build.enable_compilation_cache('');"
           "print(jax.config.jax_enable_compilation_cache)")
   out = subprocess.run([sys.executable, "-c", code], env=main_env(1), cwd=REPO,
                        capture_output=True, text=True, timeout=120)

@@ -141,20 +141,21 @@ def test_damaged_latest_checkpoint_errors_then_falls_back(tmp_path, reference, d
 
 def test_restore_onto_another_mesh_reshards(tmp_path):
   """Saved on (data=4, fsdp=2), restored as (data=8) and on 4 devices as (data=4)."""
-  from jaxcls import config as config_lib, models, optim, train
+  from jaxcls import build, config as config_lib, models, optim
+  from jaxcls import sharding as sharding_lib
 
   def setup(mesh_config, devices):
     config = config_lib.base_config()
     config.model.name, config.model.width = "resnet_tiny", 16
     config.mesh.fsdp_min_size = 256
     config.mesh.update(mesh_config)
-    mesh = train.sharding.make_mesh(config.mesh, devices)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
     model = models.create_model(config.model, 10)
     tx = optim.create_optimizer(config.optim, optim.create_schedule(config.optim, 256, 10, 10))
     return config, mesh, model, tx
 
   config, mesh, model, tx = setup({"data": 4, "fsdp": 2}, jax.devices())
-  state, _ = train.create_train_state(model, tx, config, mesh)
+  state, _ = build.create_train_state(model, tx, config, mesh)
   saver = checkpoint.Checkpointer(str(tmp_path), config.checkpoint, 1,
                                   checkpoint.run_metadata(config))
   saver.manager.save(1, args=checkpoint.ocp.args.Composite(
@@ -164,7 +165,7 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
   for mesh_config, devices in (({"data": 8, "fsdp": 1}, jax.devices()),
                                ({"data": 4, "fsdp": 1}, jax.devices()[:4])):
     config, mesh, model, tx = setup(mesh_config, devices)
-    abstract, shardings = train.train_state_shapes(model, tx, config, mesh)
+    abstract, shardings = build.abstract_train_state(model, tx, config, mesh)
     loader = checkpoint.Checkpointer(str(tmp_path), config.checkpoint, 1,
                                      checkpoint.run_metadata(config))
     restored = loader.restore(1, abstract, None, restore_data=False)

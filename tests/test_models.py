@@ -44,7 +44,7 @@ def test_default_config_validates():
       'default_config', REPO / 'configs' / 'default.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  models.validate_model_config(module.get_config().model)
+  models.check_config(module.get_config().model)
 
 
 @pytest.mark.parametrize('name,expected', [
@@ -208,7 +208,7 @@ def test_sharded_batch_norm_uses_global_batch():
 def test_bad_config_errors(field, value):
   cfg = model_config(**{field: value})
   with pytest.raises(ValueError, match=f'config.model.{field}') as err:
-    models.validate_model_config(cfg)
+    models.check_config(cfg)
   assert repr(value) in str(err.value)
   with pytest.raises(ValueError, match=f'config.model.{field}'):
     models.create_model(cfg, 10)
@@ -216,7 +216,7 @@ def test_bad_config_errors(field, value):
 
 def test_unknown_name_lists_known_models():
   with pytest.raises(ValueError) as err:
-    models.validate_model_config(model_config(name='vit'))
+    models.check_config(model_config(name='vit'))
   for name in models.MODELS:
     assert repr(name) in str(err.value)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxcls import config as config_lib
-from jaxcls import distributed, memory, models, optim, sharding, steps, train
+from jaxcls import build, distributed, memory, models, optim, sharding, steps, train
 from runner import REPO, free_port, main_env, records, run_main
 import test_train
 from test_train import synthetic_batches
@@ -54,7 +54,7 @@ def initial_state(model_name):
   model, _, tx = model_and_optimizer(model_name)
   config = tiny_config(data=1)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  return jax.device_get(train.create_train_state(model, tx, config, mesh)[0])
+  return jax.device_get(build.create_train_state(model, tx, config, mesh)[0])
 
 
 def train_run(config, devices, model_name="resnet_tiny", with_grads=True):
@@ -66,11 +66,11 @@ def train_run(config, devices, model_name="resnet_tiny", with_grads=True):
   """
   mesh = sharding.make_mesh(config.mesh, devices)
   model, schedule, tx = model_and_optimizer(model_name)
-  _, state_shardings = train.train_state_shapes(model, tx, config, mesh)
+  _, state_shardings = build.abstract_train_state(model, tx, config, mesh)
   state = jax.device_put(initial_state(model_name), state_shardings)
   grad_shardings = sharding.grad_shardings(mesh, state.params, config.mesh)
-  train_step = train.compile_train_step(
-      steps.make_train_step(model, config.data, config.optim, schedule,
+  train_step = build.compile_train_step(
+      steps.make_train_step(config.data, config.optim, schedule,
                             config.grad_accum_steps, grad_shardings),
       state, state_shardings, mesh, config)
   batches = synthetic_batches(config, NUM_STEPS)
@@ -253,7 +253,7 @@ def test_grad_accumulation_with_batchnorm_is_micro_batch_steps():
   config.batch_size = 32
   mesh = sharding.make_mesh(config.mesh)
   model, _, tx = model_and_optimizer("resnet_tiny")
-  _, state_shardings = train.train_state_shapes(model, tx, config, mesh)
+  _, state_shardings = build.abstract_train_state(model, tx, config, mesh)
   state = jax.device_put(initial_state("resnet_tiny"), state_shardings)
   batch = jax.tree.map(lambda x: jax.device_put(x, sharding.batch_sharding(mesh)),
                        synthetic_batches(config, 1)[0])
@@ -279,7 +279,7 @@ def test_rules_override_the_split_and_the_optimizer_state_follows():
   mesh = sharding.make_mesh(config.mesh)
   model = models.create_model(config.model, config.data.num_classes)
   tx = optim.create_optimizer(config.optim, optim.create_schedule(config.optim, 16, 10, 10))
-  shapes, shardings = train.train_state_shapes(model, tx, config, mesh)
+  shapes, shardings = build.abstract_train_state(model, tx, config, mesh)
   specs = jax.tree.map(lambda s: s.spec, shardings.params)
   assert specs["stage1_block1"]["conv1"]["kernel"] == sharding.P()
   assert specs["stage1_block1"]["conv2"]["kernel"] == sharding.P(None, None, None, "fsdp")
@@ -289,7 +289,7 @@ def test_rules_override_the_split_and_the_optimizer_state_follows():
   assert momentum["head"]["kernel"].spec == sharding.P("fsdp", None)
   config.mesh.rules = ((r"head/kernel", (None, "fsdp")),)  # 10 classes over 4 devices
   with pytest.raises(config_lib.ConfigError, match=r"head/kernel.*does not divide 10"):
-    train.train_state_shapes(model, tx, config, mesh)
+    build.abstract_train_state(model, tx, config, mesh)
 
 
 def test_model_axis_splits_output_channels_at_every_stage():
@@ -298,7 +298,7 @@ def test_model_axis_splits_output_channels_at_every_stage():
     config = tiny_config(stage, data=2, fsdp=2, model=2)
     mesh = sharding.make_mesh(config.mesh)
     tx = optim.create_optimizer(config.optim, optim.create_schedule(config.optim, 16, 10, 10))
-    _, shardings = train.train_state_shapes(model, tx, config, mesh)
+    _, shardings = build.abstract_train_state(model, tx, config, mesh)
     kernel = shardings.params["stage2_block1"]["conv2"]["kernel"].spec
     assert kernel == (sharding.P(None, None, "fsdp", "model") if stage == 3 else
                       sharding.P(None, None, None, "model"))

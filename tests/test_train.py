@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxcls import config as config_lib
-from jaxcls import models, optim, sharding, steps, train
+from jaxcls import build, models, optim, sharding, steps, train
 
 
 def tiny_config(**mesh):
@@ -35,9 +35,9 @@ def train_on_mesh(config, devices, batches):
   model = models.create_model(config.model, config.data.num_classes)
   schedule = optim.create_schedule(config.optim, config.batch_size, 10, 10)
   tx = optim.create_optimizer(config.optim, schedule)
-  state, state_shardings = train.create_train_state(model, tx, config, mesh)
-  train_step = train.compile_train_step(
-      steps.make_train_step(model, config.data, config.optim, schedule),
+  state, state_shardings = build.create_train_state(model, tx, config, mesh)
+  train_step = build.compile_train_step(
+      steps.make_train_step(config.data, config.optim, schedule),
       state, state_shardings, mesh, config)
   batch_sharding = sharding.batch_sharding(mesh)
   losses = []

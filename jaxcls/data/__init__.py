@@ -1,12 +1,9 @@
-"""Input data: sources (sources.py; image_folder.py, tfds_source.py, records.py), decoding
-(images.py), per-example transforms (transforms.py, augment.py), grain pipelines
-(pipeline.py), skip_corrupt (corrupt.py), on-device mixup / cutmix (mixing.py), and the
-ArrayRecord converter (`python -m jaxcls.data.convert`)."""
+"""Input data, read top-down: sources (sources.py; image_folder.py, tfds_source.py,
+records.py) -> decoding (images.py) -> per-example transforms (transforms.py, augment.py) ->
+grain pipelines (pipeline.py); skip_corrupt (corrupt.py), on-device mixup / cutmix
+(mixing.py), the ArrayRecord converter (`python -m jaxcls.data.convert`) and the image
+exporter (`python -m jaxcls.data.export_images`).
 
-from jaxcls.data.pipeline import create_eval_dataset
-from jaxcls.data.pipeline import create_train_dataset
-from jaxcls.data.pipeline import make_global_batch
-from jaxcls.data.pipeline import num_eval_steps
-from jaxcls.data.pipeline import prefetch_to_device
-from jaxcls.data.pipeline import steps_per_epoch
-from jaxcls.data.sources import create_source
+Import the module you need (`from jaxcls.data import pipeline`): this package imports
+nothing, so using one part never loads the others.
+"""

@@ -14,9 +14,21 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from jaxcls.errors import ConfigError, check_choice, check_in_range
+
 AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 _FILL = (128, 128, 128)
+
+
+def check_config(data_config) -> None:
+  """The policy keys of config.data: auto_augment and its settings, random_erasing."""
+  check_choice("data.auto_augment", data_config.auto_augment, AUTO_AUGMENTS)
+  check_in_range("data.randaugment_magnitude", data_config.randaugment_magnitude, 0.0, 10.0)
+  if data_config.randaugment_num_ops < 0:
+    raise ConfigError(f"config.data.randaugment_num_ops={data_config.randaugment_num_ops} "
+                      "must not be negative.")
+  check_in_range("data.random_erasing", data_config.random_erasing, 0.0, 1.0)
 
 
 def _affine(image, coefficients):
@@ -110,9 +122,7 @@ class AutoAugment(grain.transforms.RandomMap):
   """RandAugment or TrivialAugment on "image"."""
 
   def __init__(self, kind: str, num_ops: int = 2, magnitude: float = 9):
-    if kind not in AUTO_AUGMENTS[1:]:
-      raise ValueError(f"config.data.auto_augment={kind!r} is not known; use one of "
-                       f"{list(AUTO_AUGMENTS)}.")
+    check_choice("data.auto_augment", kind, AUTO_AUGMENTS[1:])
     self.kind, self.num_ops, self.magnitude = kind, num_ops, magnitude
 
   def random_map(self, element, rng: np.random.Generator):

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
-from jaxcls import report
+from jaxcls import workdir as workdir_lib  # its atomic JSON write
 from jaxcls.data import cores
 from jaxcls.data import image_folder
 from jaxcls.data import images
@@ -155,7 +155,7 @@ def convert(src: str, dst: str, split: str | None = None, *, resize: int = 0,
       "quality": quality if resize else None,
       "skipped": skipped,
   }
-  report.write_json(meta_path, meta)  # last: its presence marks a complete split
+  workdir_lib.write_json(meta_path, meta)  # last: its presence marks a complete split
   return meta
 
 

@@ -8,12 +8,11 @@ listed by `write_skip_report`; more than `max_corrupt_fraction` of them is an er
 """
 
 import concurrent.futures
-import os
 from typing import Any
 
 import numpy as np
 
-from jaxcls import report
+from jaxcls import workdir as workdir_lib
 from jaxcls.data import cores
 from jaxcls.data import images
 
@@ -100,7 +99,7 @@ def drop_corrupt(source, max_fraction: float, *, process_index: int | None = Non
 
 
 def write_skip_report(workdir: str, sources: dict[str, Any]) -> str | None:
-  """Writes `workdir/skipped_examples.json` for the splits checked with skip_corrupt.
+  """Writes the run directory's skipped_examples.json for the splits checked with skip_corrupt.
 
   `sources` maps split names to sources; returns the file written, or None when no source
   was checked (skip_corrupt off).
@@ -110,6 +109,4 @@ def write_skip_report(workdir: str, sources: dict[str, Any]) -> str | None:
             for split, s in sources.items() if isinstance(s, FilteredSource)}
   if not checked:
     return None
-  path = os.path.join(workdir, "skipped_examples.json")
-  report.write_json(path, checked)
-  return path
+  return workdir_lib.write_skipped_examples(workdir, checked)

@@ -34,18 +34,35 @@ def class_folders(root: str) -> list[str]:
   return names
 
 
-def _class_files(folder: str) -> tuple[list[str], int]:
-  """-> (sorted image paths relative to folder, number of other visible files)."""
-  found, others = [], 0
+def _walk(folder: str):
+  """Every visible file under folder, recursively, in sorted order: (relative path, is image)."""
   for parent, dirs, files in os.walk(folder, followlinks=True):
     dirs[:] = sorted(d for d in dirs if _visible(d))
     rel = os.path.relpath(parent, folder)
     for f in sorted(filter(_visible, files)):
-      if images.is_image_file(f):
-        found.append(f if rel == "." else os.path.join(rel, f))
-      else:
-        others += 1
-  return found, others
+      yield (f if rel == "." else os.path.join(rel, f)), images.is_image_file(f)
+
+
+def _class_files(folder: str) -> tuple[list[str], int]:
+  """-> (sorted image paths relative to folder, number of other visible files)."""
+  walked = list(_walk(folder))
+  found = [path for path, is_image in walked if is_image]
+  return found, len(walked) - len(found)
+
+
+def find_images(paths) -> list[str]:
+  """Image files given directly, or found in folders as the image-folder source finds them."""
+  found = []
+  for path in paths:
+    if os.path.isdir(path):
+      found += [os.path.join(path, rel) for rel, is_image in _walk(path) if is_image]
+    elif os.path.isfile(path):
+      found.append(path)
+    else:
+      raise FileNotFoundError(f"{path} is neither an image file nor a folder.")
+  if not found:
+    raise FileNotFoundError(f"No image files in {', '.join(paths)}.")
+  return found
 
 
 def scan(root: str) -> tuple[list[str], list[str], np.ndarray]:

@@ -10,6 +10,16 @@ boundary, where a random permutation would move nearly all of them.
 import jax
 import jax.numpy as jnp
 
+from jaxcls.errors import ConfigError, check_in_range
+
+
+def check_config(data_config) -> None:
+  """The mixing keys of config.data: mixup_alpha, cutmix_alpha, mix_prob."""
+  for key in ("mixup_alpha", "cutmix_alpha"):
+    if data_config[key] < 0:
+      raise ConfigError(f"config.data.{key}={data_config[key]} must not be negative.")
+  check_in_range("data.mix_prob", data_config.mix_prob, 0.0, 1.0)
+
 
 def enabled(data_config) -> bool:
   return data_config.mixup_alpha > 0 or data_config.cutmix_alpha > 0

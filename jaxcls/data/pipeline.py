@@ -22,6 +22,7 @@ import numpy as np
 from jaxcls.data import cores
 from jaxcls.data import sources
 from jaxcls.data import transforms
+from jaxcls.errors import ConfigError
 
 # Threads per process that read and transform elements. PIL releases the GIL while it decodes
 # and resizes, so a few threads help even with num_workers=0; more only add contention.
@@ -29,12 +30,30 @@ _READ_THREADS = 4
 _READ_BUFFER = 256  # elements read ahead per process
 
 
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+def check_config(data_config) -> None:
+  """The pipeline keys of config.data."""
+  if data_config.num_workers < -1:
+    raise ConfigError(f"config.data.num_workers={data_config.num_workers}: use -1 (from the "
+                      "cores), 0 (no worker processes) or a count.")
+
+
+def local_batch_size(global_batch_size: int, process_count: int, key: str = "batch_size") -> int:
+  """Each process's share of a global batch (config.<key>); raises if it does not split."""
+  if global_batch_size <= 0:
+    raise ConfigError(f"config.{key}={global_batch_size} must be positive.")
+  if global_batch_size % process_count:
+    raise ConfigError(f"config.{key}={global_batch_size} is not divisible by the "
+                      f"{process_count} processes.")
+  return global_batch_size // process_count
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int, source_name: str = "") -> int:
   """Whole global batches per train epoch (the remainder is dropped, a different one each epoch)."""
   steps = num_examples // global_batch_size
   if steps == 0:
-    raise ValueError(f"config.batch_size={global_batch_size} is larger than the "
-                     f"{num_examples} training examples.")
+    of = f" of {source_name}" if source_name else ""
+    raise ConfigError(f"config.batch_size={global_batch_size} is larger than the "
+                      f"{num_examples} training examples{of}; lower it.")
   return steps
 
 
@@ -44,17 +63,13 @@ def num_eval_steps(num_examples: int, global_batch_size: int) -> int:
 
 
 def _process_layout(global_batch_size: int, process_index: int | None,
-                    process_count: int | None) -> tuple[int, int, int]:
+                    process_count: int | None, key: str) -> tuple[int, int, int]:
   """-> (process_index, process_count, local batch size); defaults come from JAX."""
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
     process_count = jax.process_count()
-  if global_batch_size % process_count:
-    raise ValueError(f"The global batch size {global_batch_size} (config.batch_size / "
-                     f"config.eval_batch_size) is not divisible by the {process_count} "
-                     "processes.")
-  return process_index, process_count, global_batch_size // process_count
+  return process_index, process_count, local_batch_size(global_batch_size, process_count, key)
 
 
 def num_workers(data_config) -> int:
@@ -93,7 +108,7 @@ def create_train_dataset(data_config, source: sources.Source, global_batch_size:
   are arguments only so tests can simulate several processes.
   """
   process_index, process_count, local_batch = _process_layout(
-      global_batch_size, process_index, process_count)
+      global_batch_size, process_index, process_count, "batch_size")
   used = steps_per_epoch(len(source), global_batch_size) * global_batch_size
   # Separate, well-mixed 32-bit seeds: grain's shuffle uses seed + epoch, so nearby run seeds
   # would otherwise replay each other's permutations one epoch apart.
@@ -137,7 +152,7 @@ def create_eval_dataset(data_config, source: sources.Source, global_batch_size: 
   Every process yields num_eval_steps(len(source), global_batch_size) batches.
   """
   process_index, process_count, local_batch = _process_layout(
-      global_batch_size, process_index, process_count)
+      global_batch_size, process_index, process_count, "eval_batch_size")
   total = num_eval_steps(len(source), global_batch_size) * global_batch_size
   real = grain.MapDataset.source(source).map(_MarkReal())
   padding = grain.MapDataset.range(total - len(source)).map(_Padding(data_config.image_size))

@@ -21,6 +21,7 @@ from jaxcls.data import corrupt
 from jaxcls.data import image_folder
 from jaxcls.data import records
 from jaxcls.data import tfds_source
+from jaxcls.errors import check_choice, check_in_range
 
 _BUNDLED_PREFIX = "cifar10_sample_"
 _BUNDLE_KEYS = ("jpeg", "offsets", "labels", "class_names")
@@ -180,15 +181,21 @@ SOURCES: dict[str, Callable[[Any, str], Source]] = {
 }
 
 
+def check_config(data_config) -> None:
+  """The source keys of config.data that can be checked without reading any data."""
+  check_choice("data.source", data_config.source, sorted(SOURCES))
+  check_in_range("data.eval_fraction", data_config.eval_fraction, 0.0, 1.0,
+                 high_inclusive=False)
+  check_in_range("data.max_corrupt_fraction", data_config.max_corrupt_fraction, 0.0, 1.0)
+
+
 def create_source(data_config, split: str) -> Source:
   """Returns the source `config.data.source` names, for `split`, checked against the config.
 
   With config.data.skip_corrupt, every example is decoded once first and the ones that fail
   are left out (see corrupt.py); in a multi-process run every process must call this.
   """
-  if data_config.source not in SOURCES:
-    raise ValueError(f"config.data.source={data_config.source!r} is not known; use one of "
-                     f"{sorted(SOURCES)}.")
+  check_config(data_config)
   source = SOURCES[data_config.source](data_config, split)
   if source.num_classes != data_config.num_classes:
     raise ValueError(

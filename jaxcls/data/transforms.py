@@ -16,10 +16,19 @@ from PIL import Image
 
 from jaxcls.data import augment
 from jaxcls.data import images
+from jaxcls.errors import ConfigError, check_choice
 
 TRAIN_AUGMENTS = ("pad_crop_flip", "random_resized_crop_flip", "none")
 
 _BILINEAR = Image.Resampling.BILINEAR
+
+
+def check_config(data_config) -> None:
+  """The crop and normalization keys of config.data."""
+  check_choice("data.train_augment", data_config.train_augment, TRAIN_AUGMENTS)
+  for key in ("mean", "std"):
+    if len(data_config[key]) != 3:
+      raise ConfigError(f"config.data.{key} needs 3 values (R, G, B), got {data_config[key]}.")
 
 
 def resize_shorter_side(image: np.ndarray, size: int, resample=_BILINEAR) -> np.ndarray:
@@ -162,14 +171,12 @@ def _crop(data_config) -> list:
             PadCropFlip(size, data_config.crop_padding)]
   if crop == "random_resized_crop_flip":
     return [Decode(data_config.num_classes), RandomResizedCropFlip(size)]
-  if crop == "none":  # What eval sees.
-    return eval_transforms(data_config)
-  raise ValueError(f"config.data.train_augment={crop!r} is not known; use one of "
-                   f"{list(TRAIN_AUGMENTS)}.")
+  return eval_transforms(data_config)  # "none": what eval sees
 
 
 def train_transforms(data_config) -> list:
   """Decode, crop (config.data.train_augment), then the optional policies on the crop."""
+  check_config(data_config)
   ts = _crop(data_config)
   if data_config.auto_augment != "none":
     ts.append(augment.AutoAugment(data_config.auto_augment, data_config.randaugment_num_ops,

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcls.errors import ConfigError
 from jaxcls.models import cnn
 from jaxcls.models import resnet
 
@@ -41,33 +42,33 @@ def resolve_dtype(name: str, platform: str | None = None):
   return DTYPES[name]
 
 
-def validate_model_config(model_config) -> None:
-  """Raises ValueError for a bad `config.model`; builds and compiles nothing."""
+def check_config(model_config) -> None:
+  """Raises ConfigError for a bad `config.model`; builds and compiles nothing."""
   if model_config.name not in MODELS:
-    raise ValueError(
+    raise ConfigError(
         f'config.model.name: unknown model {model_config.name!r}; '
         f'known: {sorted(MODELS)}')
   if model_config.dtype != 'auto' and model_config.dtype not in DTYPES:
-    raise ValueError(
+    raise ConfigError(
         f'config.model.dtype: unsupported compute dtype {model_config.dtype!r}; '
         f"known: {['auto', *DTYPES]}")
   if model_config.stem not in resnet.STEMS:
-    raise ValueError(
+    raise ConfigError(
         f'config.model.stem: unknown stem {model_config.stem!r}; '
         f'known: {list(resnet.STEMS)}')
   width = model_config.width
   if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-    raise ValueError(
+    raise ConfigError(
         f'config.model.width: must be a positive int, got {width!r}')
   if not 0.0 <= model_config.bn_momentum < 1.0:
-    raise ValueError(
+    raise ConfigError(
         f'config.model.bn_momentum: must be in [0, 1), got '
         f'{model_config.bn_momentum!r}')
 
 
 def create_model(model_config, num_classes: int) -> nn.Module:
   """Builds the (unbound) model named by `config.model.name`."""
-  validate_model_config(model_config)
+  check_config(model_config)
   return MODELS[model_config.name](
       num_classes=num_classes,
       width=model_config.width,

@@ -1,0 +1,31 @@
+"""The errors jaxcls raises for things a user can fix; each message names what and where.
+
+Imports nothing of jaxcls, so any module can raise them without pulling in another concern.
+The command lines (jaxcls.main, evaluate, predict) print them as one readable line.
+"""
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used; the message names the step directory and the way out."""
+
+
+class DataError(ValueError):
+  """Data that cannot be read as asked: the message names the file, split or record."""
+
+
+def check_in_range(key: str, value, low: float, high: float, *, high_inclusive: bool = True):
+  """Raises ConfigError unless low <= value <= high (< high when not high_inclusive)."""
+  if not (low <= value <= high if high_inclusive else low <= value < high):
+    raise ConfigError(f"config.{key}={value} must be in [{low}, {high}"
+                      f"{']' if high_inclusive else ')'}.")
+
+
+def check_choice(key: str, value, choices) -> None:
+  """Raises ConfigError unless value is one of choices, listing them."""
+  if value not in choices:
+    raise ConfigError(f"config.{key}={value!r} is not known; use one of "
+                      f"{', '.join(map(str, choices))}.")
