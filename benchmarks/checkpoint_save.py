@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from jaxcls import build, checkpoint, models, optim, sharding
+from jaxcls import build, checkpoint, sharding
 from jaxcls import config as config_lib
 from jaxcls.data import pipeline, sources
 
@@ -34,9 +34,8 @@ def main():
   config.data.num_classes = args.num_classes
   config.data.source = "synthetic"  # the data position is saved too; its content is irrelevant
   mesh = sharding.make_mesh(config.mesh)
-  model = models.create_model(config.model, args.num_classes)
-  tx = optim.create_optimizer(config.optim, optim.create_schedule(config.optim, 256, 100, 10))
-  state, _ = build.create_train_state(model, tx, config, mesh)
+  _, tx = build.create_optimizer(config)
+  state, _ = build.create_train_state(build.create_model(config), tx, config, mesh)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
 
   workdir = tempfile.mkdtemp()

@@ -13,9 +13,8 @@ from typing import Callable
 
 import jax
 
+from jaxcls import build, sharding
 from jaxcls import config as config_lib
-from jaxcls import build
-from jaxcls import models, optim, sharding, steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,22 +49,13 @@ class JaxclsStep:
 
 
 def jaxcls_train_step(config, num_steps: int = 1000, steps_per_epoch: int = 100) -> JaxclsStep:
-  """The same modules and calls as jaxcls.train.run, minus the data and the loop."""
+  """Built by jaxcls.build as train.run builds it (compilation cache included), minus the
+  data and the loop."""
   config_lib.check_config(config, jax.device_count(), jax.process_count())
-  # As jaxcls.main does; a later call cannot move the cache once something has compiled.
-  build.enable_compilation_cache(config.compilation_cache_dir)
   mesh = sharding.make_mesh(config.mesh)
-  model = models.create_model(config.model, config.data.num_classes)
-  schedule = optim.create_schedule(config.optim, config.batch_size, num_steps, steps_per_epoch)
-  tx = optim.create_optimizer(config.optim, schedule)
-  abstract_state, state_shardings = build.abstract_train_state(model, tx, config, mesh)
-  step = build.compile_train_step(
-      steps.make_train_step(
-          model, config.data, config.optim, schedule, config.grad_accum_steps,
-          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
-      abstract_state, state_shardings, mesh, config)
-  state, _ = build.create_train_state(model, tx, config, mesh)
-  return JaxclsStep(config, mesh, step, state)
+  parts = build.training_parts(config, mesh, num_steps, steps_per_epoch)
+  state, _ = build.create_train_state(parts.model, parts.tx, config, mesh)
+  return JaxclsStep(config, mesh, parts.train_step, state)
 
 
 def device_batch(config, mesh, seed: int = 0) -> dict:

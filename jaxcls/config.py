@@ -137,8 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.eval_every_epochs = 0.0  # 0: evaluate only at the end
   # Persistent XLA compilation cache: a second start of the same config loads the compiled
-  # steps instead of compiling them again. "" turns it off. Set by jaxcls.build.
-  config.compilation_cache_dir = "~/.cache/jaxcls/xla"
+  # steps instead of compiling them again. "" turns it off. Set by jaxcls.build. Default:
+  # $XDG_CACHE_HOME/jaxcls/xla, or ~/.cache/jaxcls/xla when XDG_CACHE_HOME is not set.
+  config.compilation_cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
+                                              "jaxcls", "xla")
   config.eval_top_k = (1, 5)  # top-k accuracies to report (k >= the class count is skipped)
   return config
 
