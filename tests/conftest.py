@@ -1,4 +1,6 @@
-"""Test setup: 8 fake CPU devices, set before anything imports JAX."""
+"""Test setup: 8 fake CPU devices, set before anything imports JAX; and the fixtures that tests
+in several files use. The trained runs are session-scoped: each trains once per session, and
+a test that changes one works on its own copy (runner.copy_run)."""
 
 import os
 
@@ -6,3 +8,43 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position  (JAX reads the flags on import)
+import pytest
+
+import helpers
+from runner import REFERENCE_RUN, run_main
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+  """The uninterrupted run every fault test must reproduce bit for bit (checkpoint and
+  preemption tests)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = run_main(workdir, *REFERENCE_RUN)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A finished 6-step run with periodic evals, its report and checkpoints (for evaluate,
+  predict, report and the eval / plot files)."""
+  workdir = tmp_path_factory.mktemp("run")
+  result = run_main(workdir, "--config.model.name=resnet_tiny", "--config.model.width=8",
+                    "--config.num_train_steps=6", "--config.log_every_steps=2",
+                    "--config.batch_size=64", "--config.eval_every_epochs=0.02")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture
+def folder(tmp_path):
+  """An image folder of 3 classes in every format (helpers.LAYOUT), plus files to ignore."""
+  return helpers.write_layout(tmp_path / "train")
+
+
+@pytest.fixture
+def damaged(tmp_path):
+  """An image folder of 12 good images and the bad files of helpers.BAD_FILES."""
+  return helpers.write_damaged(tmp_path / "damaged")

@@ -1,13 +1,24 @@
-"""Running `python -m jaxcls.main` in a subprocess, as a user does, for the end-to-end tests."""
+"""Running `python -m jaxcls.main` (and the other commands) in a subprocess, as a user does,
+for the end-to-end tests; reading back what a run wrote."""
 
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The run that tests/conftest.py's `reference` fixture trains once per session: every fault
+# test (kill -9, SIGTERM, a damaged checkpoint) must reproduce it bit for bit.
+REFERENCE_STEPS = 24
+REFERENCE_RUN = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+                 f"--config.num_train_steps={REFERENCE_STEPS}", "--config.log_every_steps=1",
+                 "--config.batch_size=64", "--config.checkpoint.every_steps=4",
+                 "--config.eval_batch_size=512")
 
 
 def main_command(workdir, *overrides, config="configs/default.py"):
@@ -15,17 +26,30 @@ def main_command(workdir, *overrides, config="configs/default.py"):
           "--workdir", str(workdir), *overrides]
 
 
-def main_env(devices=8):
+def main_env(devices=8, **extra):
+  """This environment with `devices` fake CPU devices, unbuffered output, and `extra`."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
+  env.update(extra)
   return env
 
 
-def run_main(workdir, *overrides, devices=8, timeout=600):
-  return subprocess.run(main_command(workdir, *overrides), env=main_env(devices), cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+def run_command(command, devices=8, timeout=600, **env):
+  """Runs command to its end from the repository root; stdout and stderr captured as text."""
+  return subprocess.run(command, env=main_env(devices, **env), cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def run_main(workdir, *overrides, devices=8, timeout=600, **env):
+  return run_command(main_command(workdir, *overrides), devices, timeout, **env)
+
+
+def run_tool(module, *args, devices=2, timeout=600):
+  """`python -m module args` (evaluate, predict, report, ...); on 2 devices unless told, not
+  the 8 a run trains on."""
+  return run_command([sys.executable, "-m", module, *map(str, args)], devices, timeout)
 
 
 def start_main(workdir, *overrides, devices=8):
@@ -48,11 +72,42 @@ def start_processes(workdir, *overrides, num_processes=2, devices=4):
           for i in range(num_processes)]
 
 
+def wait_for_line(proc, text, timeout=300):
+  """Reads proc's stdout until a line contains text; -> the lines read."""
+  deadline = time.time() + timeout
+  lines = []
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    lines.append(line)
+    if text in line:
+      return lines
+  raise AssertionError(f"never saw {text!r}; output:\n{''.join(lines)[-3000:]}")
+
+
+def copy_run(workdir, tmp_path):
+  """A copy of a run directory, for a test that changes it (the original is shared)."""
+  return shutil.copytree(workdir, pathlib.Path(tmp_path) / "run")
+
+
 def records(workdir, split="train"):
   path = pathlib.Path(workdir) / "metrics.jsonl"
   return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
 
 
+def train_losses(workdir):
+  """Every train record's loss, in the order written."""
+  return [r["loss"] for r in records(workdir)]
+
+
 def losses_by_step(workdir):
   """step -> loss, the last record of each step winning (as after a resume)."""
   return {r["step"]: r["loss"] for r in records(workdir)}
+
+
+def completed_steps(workdir):
+  """The step numbers of the complete checkpoints in workdir, in order."""
+  root = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+

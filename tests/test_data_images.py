@@ -9,12 +9,7 @@ import pytest
 
 from jaxcls.data import images
 from jaxcls.data import sources
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-  buffer = io.BytesIO()
-  image.save(buffer, format=fmt, **kwargs)
-  return buffer.getvalue()
+from helpers import data_config, encode
 
 
 def decode(data: bytes, name="x.png") -> np.ndarray:
@@ -84,16 +79,11 @@ def test_exif_orientation_is_applied(fmt):
 
 
 def test_jpeg_fast_path_matches_pil():
-  bundle = sources.create_source(_bundled_config(), "test")
+  bundle = sources.create_source(data_config(), "test")
   for i in range(0, 2000, 97):
     data = bundle[i]["image"].tobytes()
     np.testing.assert_array_equal(decode(data),
                                   np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-
-
-def _bundled_config():
-  from jaxcls.config import base_config  # pylint: disable=g-import-not-at-top
-  return base_config().data
 
 
 @pytest.mark.parametrize("data,reason", [

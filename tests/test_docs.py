@@ -2,7 +2,6 @@
 scripts/run_guide.py finds its command blocks and the ones marked as not runnable here."""
 
 import importlib.util
-import pathlib
 import re
 import sys
 

@@ -1,8 +1,5 @@
 """Tests for jaxcls.models: registry, ResNets and the plain CNN."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,10 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxcls import config as config_lib
 from jaxcls import models
 from jaxcls.models import resnet
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from runner import REPO
 
 
 def model_config(**overrides):
@@ -40,11 +37,8 @@ def leaves_with_names(tree):
 
 
 def test_default_config_validates():
-  spec = importlib.util.spec_from_file_location(
-      'default_config', REPO / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  models.check_config(module.get_config().model)
+  config = config_lib.load_config(str(REPO / 'configs' / 'default.py'))
+  models.check_config(config.model)
 
 
 @pytest.mark.parametrize('name,expected', [

@@ -1,0 +1,48 @@
+"""Preemption: SIGTERM saves the step it is on and exits 0, the resume is bit-identical; a
+signal to one of two processes stops both at the same step."""
+
+import signal
+
+from helpers import assert_same_as_reference
+from runner import REFERENCE_RUN as RUN, REFERENCE_STEPS as STEPS
+from runner import completed_steps, run_main, start_main, start_processes, wait_for_line
+
+
+def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tmp_path, reference):
+  proc = start_main(tmp_path, *RUN)
+  wait_for_line(proc, f"step 10/{STEPS}")
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert "Stopped by SIGTERM" in out
+  stopped_at = completed_steps(tmp_path)[-1]
+  assert 10 <= stopped_at < STEPS  # the step it was on, not the last interval checkpoint
+
+  resumed = run_main(tmp_path, *RUN)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from {tmp_path / 'checkpoints' / str(stopped_at)}" in resumed.stdout
+  assert_same_as_reference(tmp_path, reference)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  run = (*RUN, "--config.checkpoint.preemption_check_steps=2")
+  procs = start_processes(tmp_path, *run)
+  wait_for_line(procs[0], f"step 10/{STEPS}")
+  procs[1].send_signal(signal.SIGTERM)  # only one process hears it
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "Stopped by a signal to another process" in outputs[0]
+  stopped_at = completed_steps(tmp_path)[-1]
+  assert stopped_at % 2 == 0 and 10 <= stopped_at < STEPS  # a common check step
+  state_dir = tmp_path / "checkpoints" / str(stopped_at)
+  assert (state_dir / "commit_success.txt").exists()
+  assert sorted(p.name for p in (state_dir / "data").glob("process_*")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+
+  procs = start_processes(tmp_path, *RUN)
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert f"(step {stopped_at}), data position included" in outputs[0]
+  assert f"step {STEPS}/{STEPS}" in outputs[0]
