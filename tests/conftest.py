@@ -3,11 +3,21 @@ in several files use. The trained runs are session-scoped: each trains once per 
 a test that changes one works on its own copy (runner.copy_run)."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the whole session, new each session: every test, command and
+# notebook kernel started from here (they inherit the environment) loads a program another
+# one compiled before, and nothing is read from or written to the user's own cache. The
+# config's default cache directory follows XDG_CACHE_HOME; JAX's own default follows
+# JAX_COMPILATION_CACHE_DIR (for steps compiled without jaxcls.build).
+_SESSION_CACHE = tempfile.mkdtemp(prefix="jaxcls_test_cache_")
+os.environ["XDG_CACHE_HOME"] = _SESSION_CACHE
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SESSION_CACHE, "jaxcls", "xla")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
 
 # pylint: disable=g-import-not-at-top,wrong-import-position  (JAX reads the flags on import)
 import pytest

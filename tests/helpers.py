@@ -28,6 +28,7 @@ MIN_SIZE = 256  # small enough that the tiny model's 3x3 kernels are "large"
 def tiny_config(**mesh):
   config = config_lib.base_config()
   config.model.name = "resnet_tiny"
+  config.model.width = 8
   config.batch_size = 16
   config.data.image_size = 16
   config.mesh.data = mesh.get("data", -1)
@@ -39,9 +40,8 @@ def tiny_config(**mesh):
 
 
 def zero_config(stage=3, accum=1, data=-1, fsdp=1, model=1):
-  """tiny_config at width 8 with a ZeRO stage, micro-batches and a model axis."""
+  """tiny_config with a ZeRO stage, micro-batches and a model axis."""
   config = tiny_config(data=data, fsdp=fsdp)
-  config.model.width = 8
   config.model.zero_init_residual = False  # every kernel gets a gradient from step 1
   config.mesh.model = model
   config.mesh.zero_stage = stage

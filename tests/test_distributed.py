@@ -103,7 +103,8 @@ def test_launch_local_two_processes_match_one_process(tmp_path):
 
 def test_two_processes_match_one_process(tmp_path):
   """2 processes x 4 devices on loopback train like 1 process x 8 devices."""
-  steps = ("--config.model.name=resnet_tiny", "--config.num_train_steps=4",
+  steps = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+           "--config.num_train_steps=4",
            "--config.log_every_steps=1", "--config.batch_size=64", "--config.mesh.fsdp=2")
   single = run_main(tmp_path / "single", *steps)
   assert single.returncode == 0, single.stderr[-3000:]
