@@ -58,3 +58,12 @@ def folder(tmp_path):
 def damaged(tmp_path):
   """An image folder of 12 good images and the bad files of helpers.BAD_FILES."""
   return helpers.write_damaged(tmp_path / "damaged")
+
+
+def pytest_collection_modifyitems(items):
+  """With pytest-xdist (`-n 2 --dist loadgroup`, as pyproject.toml sets), the tests of one
+  session-scoped run go to one worker, so that run trains once, not once per worker."""
+  for item in items:
+    for fixture in ("reference", "trained_workdir"):
+      if fixture in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group(fixture))

@@ -124,3 +124,32 @@ def test_every_module_opens_with_its_job():
   missing = [name for name, path in module_files().items()
              if not ast.get_docstring(ast.parse(path.read_text()))]
   assert not missing, f"modules without a docstring: {missing}"
+
+
+def test_every_module_has_its_test_file():
+  """tests/test_<module>.py (test_data_<name>.py for jaxcls/data/<name>.py); the models
+  package shares tests/test_models.py."""
+  tests = PACKAGE.parent / "tests"
+  missing = []
+  for name in module_files():
+    parts = name.split(".")[1:]
+    if not parts or parts == ["data"]:
+      continue  # the packages' __init__ files hold no code to test
+    expected = "test_models.py" if parts[0] == "models" else f"test_{'_'.join(parts)}.py"
+    if not (tests / expected).exists():
+      missing.append(f"{name} -> tests/{expected}")
+  assert not missing, "modules without a test file: " + ", ".join(missing)
+
+
+def test_the_architecture_doc_lists_every_module():
+  doc = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
+  missing = []
+  for name, path in module_files().items():
+    relative = path.relative_to(PACKAGE.parent)
+    if path.name == "__init__.py" or relative.parent.name == "models":
+      continue  # jaxcls/models/ is listed as a package
+    file_name = relative.as_posix()
+    short = relative.name  # "tfds_source.py" in a row that names several data modules
+    if f"`{file_name}`" not in doc and f"`{short}`" not in doc:
+      missing.append(file_name)
+  assert not missing, "docs/ARCHITECTURE.md's module table lacks: " + ", ".join(missing)

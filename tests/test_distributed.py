@@ -76,48 +76,51 @@ def test_missing_peers_end_in_a_clear_error_not_a_hang(tmp_path):
   assert "within 2s" in result.stderr and "Check Failure" not in result.stderr
 
 
-def test_launch_local_two_processes_match_one_process(tmp_path):
-  """scripts/launch_local.sh: 2 processes x 4 devices (JAX_* variables) train like 1 x 8,
-  with ZeRO-2 over fsdp and the model axis.
+# 2 processes x 4 devices against 1 x 8 on the same global mesh, with ZeRO-2 over fsdp and the
+# model axis. Not with grad_accum_steps > 1: each process reads its own share of the data, so
+# the global batch holds the same examples in another order, and with BatchNorm the
+# micro-batches (which examples are normalized together) depend on that order.
+PARALLEL = (*SMOKE, "--config.mesh.fsdp=2", "--config.mesh.model=2",
+            "--config.mesh.zero_stage=2", "--config.mesh.fsdp_min_size=256",
+            "--config.optim.warmup_epochs=0")
 
-  Not with grad_accum_steps > 1: each process reads its own share of the data, so the global
-  batch holds the same examples in another order, and with BatchNorm the micro-batches (which
-  examples are normalized together) depend on that order.
-  """
-  parallel = ("--config.mesh.fsdp=2", "--config.mesh.model=2", "--config.mesh.zero_stage=2",
-              "--config.mesh.fsdp_min_size=256", "--config.optim.warmup_epochs=0")
-  single = run_main(tmp_path / "single", *SMOKE, *parallel)
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+  """The one-process run both launches of two processes must reproduce."""
+  workdir = tmp_path_factory.mktemp("single")
+  single = run_main(workdir, *PARALLEL)
   assert single.returncode == 0, single.stderr[-3000:]
+  return workdir
+
+
+def assert_same_run(multi, single):
+  assert len(train_losses(multi)) == 3
+  np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
+  multi_eval = json.loads((multi / "eval" / "test_3.json").read_text())
+  single_eval = json.loads((single / "eval" / "test_3.json").read_text())
+  assert multi_eval["num_examples"] == 2000 and sum(multi_eval["per_class"]["support"]) == 2000
+  assert multi_eval["confusion_matrix"] == single_eval["confusion_matrix"]  # every example once
+
+
+def test_launch_local_two_processes_match_one_process(tmp_path, single_process_run):
+  """scripts/launch_local.sh: the processes find each other through JAX_* variables."""
   # The script sets each process's device count (DEVICES_PER_PROCESS) in XLA_FLAGS.
   multi = run_command(
       ["bash", str(REPO / "scripts/launch_local.sh"), "2", "--config",
-       str(REPO / "configs/default.py"), "--workdir", str(tmp_path / "multi"), *SMOKE,
-       *parallel], devices=1, XLA_FLAGS="", PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
+       str(REPO / "configs/default.py"), "--workdir", str(tmp_path / "multi"), *PARALLEL],
+      devices=1, XLA_FLAGS="", PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
   assert multi.returncode == 0, multi.stderr[-3000:]
   assert multi.stdout.count("step 3/3") == 1  # only process 0 logs
   assert "2 process(es)" in multi.stdout
-  assert len(train_losses(tmp_path / "multi")) == 3
-  np.testing.assert_allclose(train_losses(tmp_path / "multi"), train_losses(tmp_path / "single"),
-                             rtol=1e-5)
+  assert_same_run(tmp_path / "multi", single_process_run)
 
 
-def test_two_processes_match_one_process(tmp_path):
-  """2 processes x 4 devices on loopback train like 1 process x 8 devices."""
-  steps = ("--config.model.name=resnet_tiny", "--config.model.width=8",
-           "--config.num_train_steps=4",
-           "--config.log_every_steps=1", "--config.batch_size=64", "--config.mesh.fsdp=2")
-  single = run_main(tmp_path / "single", *steps)
-  assert single.returncode == 0, single.stderr[-3000:]
-
-  procs = start_processes(tmp_path / "multi", *steps)
+def test_two_processes_match_one_process(tmp_path, single_process_run):
+  """--coordinator_address / --num_processes / --process_id on loopback."""
+  procs = start_processes(tmp_path / "multi", *PARALLEL)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  assert "step 4/4" in outputs[0] and "step 4/4" not in outputs[1]  # only process 0 logs
-  assert len(train_losses(tmp_path / "multi")) == 4
-  assert train_losses(tmp_path / "multi") == pytest.approx(train_losses(tmp_path / "single"),
-                                                           rel=1e-5)
-  multi = json.loads((tmp_path / "multi" / "eval" / "test_4.json").read_text())
-  single = json.loads((tmp_path / "single" / "eval" / "test_4.json").read_text())
-  assert multi["num_examples"] == 2000 and sum(multi["per_class"]["support"]) == 2000
-  assert multi["confusion_matrix"] == single["confusion_matrix"]  # every example once
+  assert "step 3/3" in outputs[0] and "step 3/3" not in outputs[1]  # only process 0 logs
+  assert_same_run(tmp_path / "multi", single_process_run)

@@ -6,8 +6,9 @@ import pytest
 
 from runner import records, run_main
 
-SMOKE = ("--config.model.name=resnet_tiny", "--config.num_train_steps=6",
-         "--config.log_every_steps=3", "--config.batch_size=64", "--config.eval_batch_size=512")
+SMOKE = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+         "--config.num_train_steps=6", "--config.log_every_steps=3", "--config.batch_size=64",
+         "--config.eval_batch_size=512")
 
 
 def test_smoke_run_writes_every_workdir_file(tmp_path):
