@@ -6,8 +6,8 @@ Run (from a checkout, after `pip install .`):
 Data: the 10,000-image train / 2,000-image test sample of CIFAR-10 shipped in the package
 (jaxcls/data/bundled); no download. Model: `cnn` at width 16 (about 0.4 M parameters),
 15 epochs of batch 128 with SGD Nesterov, peak lr 0.2 after a 1-epoch warmup, cosine decay.
-Expected: about 74% top-1 on the bundled test split, in about 3.5 minutes on a 2-core CPU
-(first compilation included). Numbers measured are in benchmarks/README.md.
+Expected: about 74% top-1 on the bundled test split, in 3.3 to 9.7 minutes on a 2-core CPU
+(by the machine; first compilation included). Numbers measured are in benchmarks/README.md.
 """
 
 from jaxcls.config import base_config
