@@ -40,7 +40,7 @@ def main(argv):
   # Imported after flag parsing: grain worker processes read absl flags.
   from jaxcls import config as config_lib
   from jaxcls import distributed, train
-  from jaxcls.errors import CheckpointError, ConfigError
+  from jaxcls.errors import CheckpointError, ConfigError, DataError
 
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
@@ -58,6 +58,8 @@ def main(argv):
     sys.exit(f"config error: {e}")
   except CheckpointError as e:
     sys.exit(f"checkpoint error: {e}")
+  except DataError as e:  # an image that does not decode, reached by the pipeline
+    sys.exit(f"data error: {e}")
   except FloatingPointError as e:
     sys.exit(f"training stopped: {e}")
 

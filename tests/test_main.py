@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from helpers import write_image
 from runner import records, run_main
 
 SMOKE = ("--config.model.name=resnet_tiny", "--config.model.width=8",
@@ -51,3 +52,24 @@ def test_config_errors_fail_before_compiling(tmp_path, override, message):
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
   assert "Compiled" not in result.stdout
 
+
+
+def test_an_image_that_does_not_decode_is_a_data_error_naming_it(tmp_path):
+  """Without skip_corrupt the run stops when the pipeline reaches the file: one line naming
+  it and the way out, no traceback."""
+  root = tmp_path / "images"
+  for i in range(40):
+    write_image(root / ("ant" if i % 2 else "bee") / f"{i:02d}.png", i)
+  (root / "bee" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  result = run_main(
+      tmp_path / "run", "--config.model.name=cnn", "--config.model.width=4",
+      "--config.data.source=image_folder", f"--config.data.path={root}",
+      "--config.data.eval_fraction=0.2", "--config.data.num_classes=2",
+      "--config.data.image_size=8", "--config.data.eval_resize=8", "--config.batch_size=16",
+      "--config.eval_batch_size=16", "--config.num_train_steps=4",
+      "--config.data.num_workers=0")
+  assert result.returncode == 1
+  message = result.stderr.strip().splitlines()[-1]
+  assert message.startswith(f"data error: {root / 'bee' / 'broken.jpg'}: not an image")
+  assert "config.data.skip_corrupt=True" in message
+  assert "Traceback" not in result.stderr

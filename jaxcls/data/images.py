@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from jaxcls.errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 _JPEG_START = b"\xff\xd8"
@@ -26,7 +28,7 @@ _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.11 decodes t
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(DataError):
   """An image that cannot be decoded; the message names it and says why."""
 
 
