@@ -144,7 +144,6 @@ def compile_eval_step(eval_step, abstract_state, state_shardings, mesh, spec):
 class TrainingParts:
   """Everything the training loop runs, compiled before the first batch is read."""
   model: Any
-  schedule: Callable
   tx: Any
   abstract_state: Any  # ShapeDtypeStructs with shardings: what init and restore produce
   state_shardings: Any
@@ -167,8 +166,8 @@ def training_parts(config, mesh, num_steps: int, steps_per_epoch: int) -> Traini
   eval_step = compile_eval_step(
       steps.make_eval_step(config.data), abstract_state, state_shardings, mesh,
       batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True))
-  return TrainingParts(model, schedule, tx, abstract_state, state_shardings, train_step,
-                       eval_step, time.time() - start)
+  return TrainingParts(model, tx, abstract_state, state_shardings, train_step, eval_step,
+                       time.time() - start)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,6 +132,11 @@ def write_eval(workdir: str, split: str, step: int, result: dict) -> str:
   return path
 
 
+def json_line(record: dict) -> str:
+  """One metrics.jsonl record: a line of JSON, written whole by one `write` call."""
+  return json.dumps(record) + "\n"
+
+
 def open_metrics_log(workdir: str):
   """metrics.jsonl opened for appending, one JSON record a line (see `truncate_metrics`)."""
   os.makedirs(workdir, exist_ok=True)
@@ -217,8 +222,3 @@ def latest_eval(workdir: str) -> dict | None:
 def read_export_info(directory: str) -> dict:
   with open(export_info_path(directory), encoding="utf-8") as f:
     return json.load(f)
-
-
-def json_line(record: dict) -> str:
-  """One metrics.jsonl record: a line of JSON, written whole by one `write` call."""
-  return json.dumps(record) + "\n"
