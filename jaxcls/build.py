@@ -191,7 +191,12 @@ def inference_config(config):
 
 
 def restore_for_inference(workdir: str, step: int | None = None) -> InferenceParts:
-  """The latest checkpoint of the run in workdir (or `step`), resharded onto this host."""
+  """The latest checkpoint of the run in workdir (or `step`), resharded onto this host.
+
+  Safe on a run that is still training: the checkpoint manager is read-only (it never
+  cleans up the run's in-progress saves), and a step the run deletes meanwhile (its keep
+  policy) makes the newest one be read instead.
+  """
   config = inference_config(workdir_lib.load_run_config(workdir))
   enable_compilation_cache(config.get("compilation_cache_dir", ""))
   mesh = sharding.make_mesh(config.mesh)
@@ -199,16 +204,34 @@ def restore_for_inference(workdir: str, step: int | None = None) -> InferencePar
   _, tx = create_optimizer(config)
   abstract_state, state_shardings = abstract_train_state(model, tx, config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, 0,
-                                         checkpoint.run_metadata(config))
+                                         checkpoint.run_metadata(config), read_only=True)
   try:
-    available = checkpointer.manager.all_steps()
-    if not available:
-      raise CheckpointError(f"No checkpoint in {checkpointer.directory}.")
-    step = max(available) if step is None else step
-    if step not in available:
-      raise CheckpointError(f"No checkpoint for step {step} in {checkpointer.directory}; "
-                            f"available: {sorted(available)}.")
-    state = checkpointer.restore(step, abstract_state, None, restore_data=False)
+    for attempt in range(3):
+      chosen = _inference_step(checkpointer, step)
+      problem, _ = checkpointer.find_damage(chosen)
+      if problem is None:
+        try:
+          state = checkpointer.restore(chosen, abstract_state, None, restore_data=False)
+          break
+        except (FileNotFoundError, ValueError):
+          checkpointer.manager.reload()
+          if step is not None or chosen in checkpointer.manager.all_steps() or attempt == 2:
+            raise
+          continue  # deleted by the live run while we read it: take the newest
+      raise CheckpointError(f"Checkpoint step {chosen} is damaged: {problem}. Choose another "
+                            f"with --step (available: {sorted(checkpointer.manager.all_steps())}).")
   finally:
     checkpointer.close()
-  return InferenceParts(config, model, mesh, state, state_shardings, step)
+  return InferenceParts(config, model, mesh, state, state_shardings, chosen)
+
+
+def _inference_step(checkpointer, step: int | None) -> int:
+  available = checkpointer.manager.all_steps()
+  if not available:
+    raise CheckpointError(f"No checkpoint in {checkpointer.directory}.")
+  if step is None:
+    return max(available)
+  if step not in available:
+    raise CheckpointError(f"No checkpoint for step {step} in {checkpointer.directory}; "
+                          f"available: {sorted(available)}.")
+  return step

@@ -10,20 +10,29 @@ The RNG needs no item of its own: every random number of a step derives from the
 seed and `state.step`.
 
 orbax writes a step into a temporary directory and renames it when every process is done,
-so a kill at any moment leaves either a complete step or none.
+so a kill at any moment leaves either a complete step or none. Once a step is final, process
+0 records each file's size and CRC-32 in it (integrity.py); a restore checks them first.
+
+What counts as damage is what the files prove: a checksum that differs, a file missing or
+truncated, a step directory without orbax's items. Only such a step is set aside by
+`fallback_to_previous`; any other failure to read (a storage hiccup, a bug) is an error that
+moves nothing. Every process reaches the same verdict.
 """
 
+import os
 import shutil
 import time
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from jaxcls import integrity
 from jaxcls import workdir as workdir_lib
-from jaxcls.errors import CheckpointError, ConfigError
+from jaxcls.errors import CheckpointError, ConfigError, check_at_least
 
 # Keys whose change alters the train state's structure or shapes: a checkpoint saved under
 # other values cannot be restored into this run's state.
@@ -34,8 +43,11 @@ DATA_KEYS = ("batch_size", "process_count", "data.source", "data.train_split", "
 
 
 def check_config(ckpt_config) -> None:
-  if ckpt_config.keep < 1:
-    raise ConfigError(f"config.checkpoint.keep={ckpt_config.keep} must be at least 1.")
+  check_at_least("checkpoint.keep", ckpt_config.keep, 1, integer=True)
+  check_at_least("checkpoint.preemption_check_steps", ckpt_config.preemption_check_steps, 1,
+                 integer=True)
+  if ckpt_config.every_steps <= 0:  # every_epochs decides
+    check_at_least("checkpoint.every_epochs", ckpt_config.every_epochs, 0.0, inclusive=False)
   if ckpt_config.best_mode not in ("max", "min"):
     raise ConfigError(f"config.checkpoint.best_mode={ckpt_config.best_mode!r}: use "
                       "'max' or 'min'.")
@@ -62,28 +74,39 @@ def run_metadata(config) -> dict:
 
 
 class Checkpointer:
-  """Saves and restores {state, data, meta} under <workdir>/checkpoints."""
+  """Saves and restores {state, data, meta} under <workdir>/checkpoints.
 
-  def __init__(self, workdir: str, ckpt_config, save_every_steps: int, metadata: dict):
+  `read_only=True` is for tools that read a run that may still be training (evaluate,
+  predict): such a manager never creates, cleans up or deletes anything in the directory.
+  """
+
+  def __init__(self, workdir: str, ckpt_config, save_every_steps: int, metadata: dict,
+               read_only: bool = False):
     self.workdir = workdir
     self.directory = workdir_lib.checkpoints_dir(workdir)
     self.config = ckpt_config
     self.save_every_steps = save_every_steps
     self.metadata = metadata
-    policies = [checkpoint_managers.LatestN(n=ckpt_config.keep)]
-    if ckpt_config.best_metric:
-      policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[ckpt_config.best_metric],
-          reverse=ckpt_config.best_mode == "min", n=1,
-          keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=ckpt_config.async_save,
-        cleanup_tmp_directories=True,  # partial steps a kill left behind
-        create=True)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, cleanup_tmp_directories=False,
+                                             create=False)
+    else:
+      policies = [checkpoint_managers.LatestN(n=ckpt_config.keep)]
+      if ckpt_config.best_metric:
+        policies.append(checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: metrics[ckpt_config.best_metric],
+            reverse=ckpt_config.best_mode == "min", n=1,
+            keep_checkpoints_without_metrics=False))
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+          enable_async_checkpointing=ckpt_config.async_save,
+          cleanup_tmp_directories=True,  # partial steps a kill left behind
+          create=True)
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data", "meta"), options=options)
+        workdir_lib.orbax_path(self.directory), item_names=("state", "data", "meta"),
+        options=options)
     self.last_save_blocked_seconds = 0.0
+    self._unrecorded = set()  # steps saved here whose checksums are not written yet
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -99,6 +122,9 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return 0.0  # already saved at this step (e.g. the last step was also an interval step)
     start = time.perf_counter()
+    self.manager.wait_until_finished()  # orbax waits for the previous save here anyway
+    self.record_checksums()
+    self._unrecorded.add(step)
     self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -142,46 +168,168 @@ class Checkpointer:
     self.manager.reload()
     return target
 
+  def record_checksums(self) -> None:
+    """Writes the checksums of the steps saved here that are final by now (process 0 only).
+
+    Called before each save, at log steps and at the end: a kill in between leaves the
+    newest step without them, and it is restored unverified.
+    """
+    if not self._unrecorded or self.manager.is_saving_in_progress():
+      return
+    if jax.process_index() == 0:
+      for step in sorted(self._unrecorded & set(self.manager.all_steps())):
+        try:
+          integrity.write_checksums(self.step_dir(step))
+        except FileNotFoundError:
+          pass  # deleted meanwhile by the keep policy
+    self._unrecorded.clear()
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self.record_checksums()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+  def find_damage(self, step: int) -> tuple[str | None, bool]:
+    """-> (what is damaged or None, whether the step's files were verified by checksums).
+
+    Process 0 reads the files; every process gets its verdict, so all act alike.
+    """
+    problem, verified = None, False
+    if jax.process_index() == 0:
+      verdict = integrity.verify(self.step_dir(step))
+      verified = verdict.verified
+      if verdict.damaged:
+        problem = verdict.describe()
+      else:
+        problem = _missing_items(self.step_dir(step))
+    return _agree_on_text(problem), bool(_agree_on_int(int(verified)))
+
+
+# Markers of a read that failed because the stored bytes are wrong, not because storage was
+# briefly unreachable: tensorstore's status codes, as they appear in its messages.
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION",
+                 "INVALID_ARGUMENT")
+_REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
+
+
+def _missing_items(step_dir: str) -> str | None:
+  """What a step lacks of orbax's items (an empty, half-deleted or stray step directory)."""
+  missing = [name for name in _REQUIRED_FILES
+             if not os.path.isfile(os.path.join(step_dir, name))
+             or os.path.getsize(os.path.join(step_dir, name)) == 0]
+  data_dir = os.path.join(step_dir, "data")
+  if not os.path.isdir(data_dir) or not os.listdir(data_dir):
+    missing.append("data/ (the data position)")
+  if missing:
+    return f"{step_dir} is incomplete: {', '.join(missing)} missing or empty"
+  return None
+
+
+def _proves_damage(error: Exception) -> bool:
+  """Whether a failed restore shows damaged files (vs. an I/O hiccup or anything else)."""
+  if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    return True
+  if isinstance(error, ValueError):  # tensorstore's errors, json's JSONDecodeError
+    text = str(error)
+    return "JSON" in type(error).__name__ or any(code in text for code in _DAMAGE_CODES)
+  return False
+
+
+def _agree_on_int(value: int) -> int:
+  """The largest of every process's value (a failure anywhere is a failure everywhere)."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def _agree_on_text(text: str | None, size: int = 2048) -> str | None:
+  """Process 0's text (or None) on every process."""
+  if jax.process_count() == 1:
+    return text
+  encoded = np.zeros(size + 1, np.uint8)
+  if text is not None:
+    raw = text.encode()[:size]
+    encoded[0], encoded[1:len(raw) + 1] = 1, np.frombuffer(raw, np.uint8)
+  encoded = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+  return bytes(encoded[1:]).rstrip(b"\0").decode(errors="replace") if encoded[0] else None
+
+
+_OK, _DAMAGED, _FAILED = 0, 1, 2
+
+
+def _try_restore(checkpointer, step, abstract_state, data_iterator, verified: bool):
+  """-> (state, data_follows, outcome, error): one attempt, with every process's outcome."""
+  state, data_follows, error, outcome = None, False, None, _OK
+  try:
+    saved = checkpointer.read_metadata(step)
+    data_follows = checkpointer.check_compatible(step, saved)
+    if not data_follows and not checkpointer.config.restart_data_on_mismatch:
+      changed = [f"{k}: checkpoint {saved.get(k)!r}, now {checkpointer.metadata[k]!r}"
+                 for k in DATA_KEYS if saved.get(k) != checkpointer.metadata[k]]
+      raise CheckpointError(
+          f"The data position saved in {checkpointer.step_dir(step)} does not fit this run "
+          f"({'; '.join(changed)}). Set --config.checkpoint.restart_data_on_mismatch=True "
+          "to keep the model and optimizer state and restart the data at the next epoch.")
+    state = checkpointer.restore(step, abstract_state, data_iterator, data_follows)
+  except CheckpointError:
+    raise
+  except Exception as e:  # orbax and tensorstore raise many kinds; classified below
+    error = e
+    # Files that passed their checksums are not damaged, whatever the read said.
+    outcome = _DAMAGED if (not verified and _proves_damage(e)) else _FAILED
+  return state, data_follows, _agree_on_int(outcome), error
 
 
 def restore_latest(checkpointer: Checkpointer, abstract_state, data_iterator, log) -> tuple:
   """Restores the newest usable checkpoint: -> (state or None, step, data_restored).
 
-  A damaged newest step is an error naming its directory; with
-  config.checkpoint.fallback_to_previous the step is set aside and the one before is tried.
+  None only when there is no checkpoint at all. A damaged newest step is an error naming it;
+  with config.checkpoint.fallback_to_previous it is set aside and the one before is tried.
+  A step that fails to read without proof of damage is an error that moves nothing.
   """
   config = checkpointer.config
-  for step in sorted(checkpointer.manager.all_steps(), reverse=True):
-    try:
-      saved = checkpointer.read_metadata(step)
-      data_follows = checkpointer.check_compatible(step, saved)
-      if not data_follows and not config.restart_data_on_mismatch:
-        changed = [f"{k}: checkpoint {saved.get(k)!r}, now {checkpointer.metadata[k]!r}"
-                   for k in DATA_KEYS if saved.get(k) != checkpointer.metadata[k]]
+  steps = sorted(checkpointer.manager.all_steps(), reverse=True)
+  set_aside = []
+  for step in steps:
+    step_dir = checkpointer.step_dir(step)
+    problem, verified = checkpointer.find_damage(step)
+    state = data_follows = error = None
+    if problem is None:
+      state, data_follows, outcome, error = _try_restore(
+          checkpointer, step, abstract_state, data_iterator, verified)
+      if outcome == _OK:
+        if not verified:
+          log(f"Checkpoint step {step} has no checksums (the run stopped before writing "
+              "them); restored without verifying its files.")
+        return state, step, data_follows
+      reason = (f"{type(error).__name__}: {str(error)[:300]}" if error is not None
+                else "another process could not read it")
+      if outcome == _FAILED:
         raise CheckpointError(
-            f"The data position saved in {checkpointer.step_dir(step)} does not fit this run "
-            f"({'; '.join(changed)}). Set --config.checkpoint.restart_data_on_mismatch=True "
-            "to keep the model and optimizer state and restart the data at the next epoch.")
-      state = checkpointer.restore(step, abstract_state, data_iterator, data_follows)
-      return state, step, data_follows
-    except CheckpointError:
-      raise
-    except Exception as e:  # a damaged step: orbax and tensorstore raise many kinds
-      if not config.fallback_to_previous:
-        raise CheckpointError(
-            f"The checkpoint in {checkpointer.step_dir(step)} cannot be read "
-            f"({type(e).__name__}: {str(e)[:300]}). Set "
-            "--config.checkpoint.fallback_to_previous=True to set it aside and resume from the "
-            "previous step.") from e
-      moved = checkpointer.set_aside(step)
-      log(f"Checkpoint step {step} is damaged ({type(e).__name__}); moved it to {moved} and "
-          "trying the previous step.")
+            f"The checkpoint in {step_dir} could not be read ({reason}). "
+            + ("Its files match their checksums, so it is not damaged: "
+               if verified else "Nothing shows that its files are damaged: ")
+            + "this may be a passing storage error, and nothing was moved. Run the same "
+            "command again; if it persists, report it with this message.") from error
+      problem = f"{step_dir} cannot be read ({reason})"
+    if not config.fallback_to_previous:
+      raise CheckpointError(
+          f"Checkpoint step {step} is damaged: {problem}. Set "
+          "--config.checkpoint.fallback_to_previous=True to move it aside (nothing is "
+          "deleted) and resume from the previous step, or move "
+          f"{step_dir} out of {checkpointer.directory} yourself.")
+    moved = checkpointer.set_aside(step)
+    set_aside.append(moved)
+    log(f"Checkpoint step {step} is damaged ({problem}); moved it to {moved} and trying the "
+        "previous step.")
+  if set_aside:
+    raise CheckpointError(
+        f"No checkpoint in {checkpointer.directory} could be restored: every step was damaged "
+        f"and set aside ({', '.join(set_aside)}). The run does not start again from step 0 "
+        "on its own: to train from scratch, use a new --workdir.")
   return None, 0, False
 
 
@@ -218,7 +366,8 @@ def export_variables(directory: str, state, info: dict) -> None:
   """
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(workdir_lib.export_variables_dir(directory), variables, force=True)
+  checkpointer.save(workdir_lib.export_variables_dir(workdir_lib.orbax_path(directory)),
+                    variables, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     workdir_lib.write_json(workdir_lib.export_info_path(directory), info)
@@ -227,5 +376,6 @@ def export_variables(directory: str, state, info: dict) -> None:
 def load_export(directory: str):
   """-> (variables {"params", "batch_stats"} as numpy-backed arrays, info dict)."""
   info = workdir_lib.read_export_info(directory)
-  variables = ocp.StandardCheckpointer().restore(workdir_lib.export_variables_dir(directory))
+  variables = ocp.StandardCheckpointer().restore(
+      workdir_lib.export_variables_dir(workdir_lib.orbax_path(directory)))
   return variables, info

@@ -17,7 +17,7 @@ import ml_collections
 
 from jaxcls import checkpoint, distributed, models, optim, sharding
 from jaxcls.data import augment, mixing, pipeline, sources, transforms
-from jaxcls.errors import ConfigError
+from jaxcls.errors import ConfigError, check_at_least
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -134,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.timeout_seconds = 300  # stop with an error if peers are not all there
   config.distributed.cluster_detection = "auto"  # 'auto' (see distributed.py), 'jax', 'off'
 
+  # Process 0 holds <workdir>/lock.json while the run lives, renewing it every lease / 4
+  # seconds; a second run on the same workdir is refused. A lock not renewed within the lease
+  # (its holder on another host died) does not block a restart; on the same host a holder
+  # whose process is gone never does.
+  config.lock_lease_seconds = 300.0
   config.log_every_steps = 50
   config.eval_every_epochs = 0.0  # 0: evaluate only at the end
   # Persistent XLA compilation cache: a second start of the same config loads the compiled
@@ -233,5 +238,21 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     check_data(config.data)
   checkpoint.check_config(config.checkpoint)
   distributed.check_config(config.distributed)
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+  _check_run_keys(config)
+
+
+def _check_run_keys(config) -> None:
+  """The top-level keys: run length, cadences, seed, top-k, the workdir lock's lease."""
+  check_at_least("num_epochs", config.num_epochs, 0.0)
+  if config.num_train_steps != -1:
+    check_at_least("num_train_steps", config.num_train_steps, 1, integer=True)
+  elif config.num_epochs <= 0:
     raise ConfigError("Set config.num_epochs or config.num_train_steps to a positive number.")
+  check_at_least("log_every_steps", config.log_every_steps, 1, integer=True)
+  check_at_least("seed", config.seed, 0, integer=True)
+  check_at_least("eval_every_epochs", config.eval_every_epochs, 0.0)
+  check_at_least("lock_lease_seconds", config.lock_lease_seconds, 0.0, inclusive=False)
+  for k in config.eval_top_k:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ConfigError(f"config.eval_top_k={tuple(config.eval_top_k)!r}: each k must be a "
+                        "positive integer (top-1 is plain accuracy).")

@@ -24,6 +24,19 @@ def check_in_range(key: str, value, low: float, high: float, *, high_inclusive: 
                       f"{']' if high_inclusive else ')'}.")
 
 
+def check_at_least(key: str, value, low: float, *, integer: bool = False,
+                   inclusive: bool = True) -> None:
+  """Raises ConfigError unless value is a finite number >= low (> low when not inclusive)."""
+  kind = "an integer" if integer else "a finite number"
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+        and (not integer or float(value).is_integer())
+        and value == value and abs(value) != float("inf")  # not nan, not inf
+        and (value >= low if inclusive else value > low))
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r} must be {kind} {'>=' if inclusive else '>'} "
+                      f"{low}.")
+
+
 def check_choice(key: str, value, choices) -> None:
   """Raises ConfigError unless value is one of choices, listing them."""
   if value not in choices:

@@ -5,6 +5,7 @@ logic lives here (not even the compilation cache: jaxcls.build switches it on), 
 Any config key can be overridden: `--config.batch_size=512 --config.model.name=resnet50`.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -25,13 +26,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def parse_flags(argv):
   """absl parsing, but a bad --config.key=value ends with one readable line, no traceback."""
   try:
-    return flags.FLAGS(argv)
+    parsed = flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f"error: {e}\nPass --helpfull to list the flags.")
   except (AttributeError, KeyError, ValueError, TypeError) as e:
     message = (str(e).strip("'\"").replace("\\n", " ").replace('\\"', '"')
                .replace("\\'", "'"))
     sys.exit(f"error: bad config override: {message}")
+  # The config file loads lazily, at first use: a missing one would end in a traceback there.
+  config_file = (flags.FLAGS["config"].config_filename or "").partition(":")[0]
+  if config_file and not os.path.isfile(config_file):
+    sys.exit(f"error: --config {config_file}: no such file (give the path of a config .py "
+             "file, e.g. configs/default.py).")
+  return parsed
 
 
 def main(argv):

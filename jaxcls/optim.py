@@ -2,8 +2,9 @@
 
 import flax
 import optax
+from absl import logging
 
-from jaxcls.errors import check_choice
+from jaxcls.errors import check_at_least, check_choice, check_in_range
 
 SCHEDULES = ("cosine", "constant", "step")
 LR_SCALINGS = ("none", "linear")
@@ -13,6 +14,15 @@ def check_config(optim_config) -> None:
   """Raises ConfigError for a config.optim that no schedule or optimizer here can build."""
   check_choice("optim.schedule", optim_config.schedule, SCHEDULES)
   check_choice("optim.lr_scaling", optim_config.lr_scaling, LR_SCALINGS)
+  for key in ("learning_rate", "warmup_epochs", "weight_decay"):
+    check_at_least(f"optim.{key}", optim_config[key], 0.0)
+  check_at_least("optim.base_batch_size", optim_config.base_batch_size, 1, integer=True)
+  check_in_range("optim.momentum", optim_config.momentum, 0.0, 1.0, high_inclusive=False)
+  check_in_range("optim.label_smoothing", optim_config.label_smoothing, 0.0, 1.0,
+                 high_inclusive=False)
+  if optim_config.learning_rate == 0:
+    logging.log_first_n(logging.WARNING, "config.optim.learning_rate=0: the parameters will "
+                        "not change (BatchNorm statistics still do).", 1)
 
 
 def peak_learning_rate(optim_config, batch_size: int) -> float:

@@ -44,9 +44,13 @@ class PreemptionGuard:
 
   def should_stop(self, step: int) -> bool:
     """True on the step every process stops at (the same step on all of them)."""
+    if jax.process_count() > 1 and step % self.check_every_steps:
+      return False
+    return self.any_process_received()
+
+  def any_process_received(self) -> bool:
+    """Whether a signal reached any process; with several, every process must call it."""
     if jax.process_count() == 1:
       return self.received is not None
-    if step % self.check_every_steps:
-      return False
     flags = multihost_utils.process_allgather(np.int32(self.received is not None))
     return bool(np.any(flags))

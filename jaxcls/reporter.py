@@ -15,9 +15,14 @@ import numpy as np
 from jaxcls import workdir as workdir_lib
 
 
+_LONGEST_DURATION = 1000 * 3600  # beyond this an estimate says nothing a user can plan with
+
+
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
+  if seconds >= _LONGEST_DURATION:
+    return f">{_LONGEST_DURATION // 3600}h"
   seconds = int(round(seconds))
   hours, rest = divmod(seconds, 3600)
   minutes, secs = divmod(rest, 60)

@@ -9,7 +9,7 @@ import time
 import jax
 
 from jaxcls import build, checkpoint, config as config_lib, evaluation, plots, preemption
-from jaxcls import reporter as reporter_lib, sharding
+from jaxcls import reporter as reporter_lib, runlock, sharding
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import corrupt, pipeline
 
@@ -22,6 +22,12 @@ def run(config, workdir: str) -> dict:
   """
   start_time = time.time()
   config_lib.check_config(config, jax.device_count(), jax.process_count())
+  workdir_lib.check_usable(workdir)
+  with runlock.hold(workdir, config.lock_lease_seconds):
+    return _run(config, workdir, start_time)
+
+
+def _run(config, workdir: str, start_time: float) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     workdir_lib.write_config(workdir, config)
@@ -56,15 +62,24 @@ def run(config, workdir: str) -> dict:
         workdir, config.checkpoint, checkpoint.save_every_steps(config.checkpoint,
                                                                 steps_per_epoch),
         checkpoint.run_metadata(config))
+    guard = preemption.PreemptionGuard(config.checkpoint.preemption_check_steps)
     try:
-      outcome = _loop(config, parts, mesh, batches, evaluate, checkpointer, reporter,
-                      steps_per_epoch, num_steps)
-      if outcome.get("preempted"):
-        return outcome
-      final = evaluate(outcome["state"], num_steps)
-      checkpoint.export_variables(
-          workdir_lib.export_dir(workdir), outcome["state"],
-          checkpoint.export_info(config, train_source.class_names, num_steps))
+      with guard:  # the end of a run is as interruptible as its middle
+        outcome = _loop(config, parts, mesh, batches, evaluate, checkpointer, reporter,
+                        steps_per_epoch, num_steps, guard)
+        if outcome.get("preempted"):
+          return outcome
+        checkpointer.wait()  # the last step is on disk before the (long) final evaluation
+        final = evaluate(outcome["state"], num_steps)
+        if guard.any_process_received():  # during the evaluation: its step is saved
+          reporter.log(f"Stopped by {guard.received or 'a signal to another process'} during "
+                       f"the final evaluation; step "
+                       f"{num_steps} is saved in {checkpointer.step_dir(num_steps)}. Run the "
+                       "same command to evaluate and export it.")
+          return {"preempted": True, "step": num_steps, "signal": guard.received}
+        checkpoint.export_variables(
+            workdir_lib.export_dir(workdir), outcome["state"],
+            checkpoint.export_info(config, train_source.class_names, num_steps))
     finally:
       checkpointer.close()  # a pending async save completes even when training failed
 
@@ -85,7 +100,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _loop(config, parts, mesh, batches, evaluate, checkpointer, reporter, steps_per_epoch: int,
-          num_steps: int) -> dict:
+          num_steps: int, guard) -> dict:
   """Resume or init, then step until num_steps or a signal; saves as config.checkpoint says."""
   state, start_step = None, 0
   if config.checkpoint.resume:
@@ -98,25 +113,25 @@ def _loop(config, parts, mesh, batches, evaluate, checkpointer, reporter, steps_
   eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
   log = reporter_lib.TrainLog(reporter, config.batch_size, steps_per_epoch, start_step,
                               num_steps)
-  with preemption.PreemptionGuard(config.checkpoint.preemption_check_steps) as guard:
-    for step in range(start_step + 1, num_steps + 1):
-      state, step_metrics = parts.train_step(state, next(batches))
-      log.add(step, step_metrics)
-      if step % config.log_every_steps == 0 or step == num_steps:
-        log.flush(step)
-      eval_results = None
-      if eval_every and step % eval_every == 0 and step != num_steps:
-        eval_results = evaluate(state, step)
-      stop = guard.should_stop(step)
-      if (checkpointer.should_save(step, num_steps) or stop
-          or (eval_results and config.checkpoint.best_metric)):
-        log.check_finite()  # never save a non-finite state
-        blocked = checkpointer.save(step, state, batches, metrics=eval_results)
-        reporter.write(step, "checkpoint", {"save_blocked_seconds": blocked})
-      if stop:
-        checkpointer.wait()
-        reporter.log(f"Stopped by {guard.received or 'a signal to another process'} after "
-                     f"step {step}; saved {checkpointer.step_dir(step)}. Run the same "
-                     "command to resume.")
-        return {"preempted": True, "step": step, "signal": guard.received}
+  for step in range(start_step + 1, num_steps + 1):
+    state, step_metrics = parts.train_step(state, next(batches))
+    log.add(step, step_metrics)
+    if step % config.log_every_steps == 0 or step == num_steps:
+      log.flush(step)
+      checkpointer.record_checksums()  # of saves that finished since
+    eval_results = None
+    if eval_every and step % eval_every == 0 and step != num_steps:
+      eval_results = evaluate(state, step)
+    stop = guard.should_stop(step)
+    if (checkpointer.should_save(step, num_steps) or stop
+        or (eval_results and config.checkpoint.best_metric)):
+      log.check_finite()  # never save a non-finite state
+      blocked = checkpointer.save(step, state, batches, metrics=eval_results)
+      reporter.write(step, "checkpoint", {"save_blocked_seconds": blocked})
+    if stop:
+      checkpointer.wait()
+      reporter.log(f"Stopped by {guard.received or 'a signal to another process'} after "
+                   f"step {step}; saved {checkpointer.step_dir(step)}. Run the same "
+                   "command to resume.")
+      return {"preempted": True, "step": step, "signal": guard.received}
   return {"state": state, "start_step": start_step, "train_seconds": log.elapsed()}

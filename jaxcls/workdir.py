@@ -6,6 +6,8 @@
     checkpoints/<step>/      orbax steps (checkpoint.py)   export/        inference weights
     report/                  plots and summary.md          skipped_examples.json
     damaged_checkpoint_<step>_<time>/   a step set aside by checkpoint.fallback_to_previous
+    lock.json                the live run that holds this directory (runlock.py)
+    checkpoints/<step>/checksums.json   size and CRC-32 of each file of the step (integrity.py)
 
 Every other module asks here for a path or a record, so the layout can change in one place.
 JSON files are written atomically (temporary file, then rename): a crash never leaves half a
@@ -13,11 +15,15 @@ file, and a reader never sees one.
 """
 
 import glob
+import hashlib
 import json
 import os
 import re
+import tempfile
 
 import ml_collections
+
+from jaxcls.errors import ConfigError
 
 _CONFIG = "config.json"
 _CLASSES = "classes.json"
@@ -25,9 +31,17 @@ _METRICS = "metrics.jsonl"
 _RESULTS = "results.json"
 _SKIPPED = "skipped_examples.json"
 _EVAL_DIR = "eval"
+_CHECKPOINTS_DIR = "checkpoints"
+_REPORT_DIR = "report"
+_TENSORBOARD_DIR = "tensorboard"
 _EXPORT_DIR = "export"
 _EXPORT_VARIABLES = "variables"
 _EXPORT_INFO = "model.json"
+_LOCK = "lock.json"
+_STEP_CHECKSUMS = "checksums.json"
+# Characters that etils' local glob (which orbax uses to find the per-process files it merges
+# into a step) reads as a pattern even inside the directory part of a path.
+_GLOB_CHARACTERS = "[]*?"
 
 
 # Paths.
@@ -53,7 +67,7 @@ def skipped_examples_path(workdir: str) -> str:
 
 
 def tensorboard_dir(workdir: str) -> str:
-  return os.path.join(workdir, "tensorboard")
+  return os.path.join(workdir, _TENSORBOARD_DIR)
 
 
 def eval_path(workdir: str, split: str, step: int) -> str:
@@ -61,7 +75,39 @@ def eval_path(workdir: str, split: str, step: int) -> str:
 
 
 def checkpoints_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+  return os.path.abspath(os.path.join(workdir, _CHECKPOINTS_DIR))
+
+
+def step_checksums_path(step_dir: str) -> str:
+  """The record of a checkpoint step's files, inside the step (moved and deleted with it)."""
+  return os.path.join(step_dir, _STEP_CHECKSUMS)
+
+
+def lock_path(workdir: str) -> str:
+  return os.path.join(workdir, _LOCK)
+
+
+def orbax_path(directory: str) -> str:
+  """`directory` (absolute), or a link to it whose path orbax can use.
+
+  orbax finds the files it merges into a step with etils' glob, which reads `[x]`, `*` or `?`
+  in the directory part as a pattern: a run under `runs/[x]` would save steps that cannot be
+  restored. Such a directory is handed to orbax through a symbolic link (in the temporary
+  directory, named by a hash of the path); the files themselves stay in `directory`.
+  """
+  directory = os.path.abspath(directory)
+  if not any(c in directory for c in _GLOB_CHARACTERS):
+    return directory
+  links = os.path.join(tempfile.gettempdir(), f"jaxcls-paths-{os.getuid()}")
+  os.makedirs(links, exist_ok=True)
+  os.makedirs(directory, exist_ok=True)  # a link to nothing would stop orbax creating it
+  link = os.path.join(links, hashlib.sha256(directory.encode()).hexdigest()[:24])
+  if os.path.islink(link) and os.readlink(link) == directory:
+    return link
+  tmp = f"{link}.{os.getpid()}"
+  os.symlink(directory, tmp)
+  os.replace(tmp, link)  # atomic: another process of the run may be making the same link
+  return link
 
 
 def damaged_checkpoint_dir(workdir: str, step: int, timestamp: int) -> str:
@@ -83,7 +129,7 @@ def export_info_path(directory: str) -> str:
 
 
 def report_dir(workdir: str) -> str:
-  return os.path.join(workdir, "report")
+  return os.path.join(workdir, _REPORT_DIR)
 
 
 def report_plot_path(workdir: str, plot: str) -> str:
@@ -93,6 +139,34 @@ def report_plot_path(workdir: str, plot: str) -> str:
 
 def report_summary_path(workdir: str) -> str:
   return os.path.join(report_dir(workdir), "summary.md")
+
+
+# Checks.
+
+def check_usable(workdir: str) -> None:
+  """A ConfigError, before anything compiles, for a workdir a run cannot write to."""
+  if not workdir:
+    raise ConfigError("--workdir is empty: give the directory the run writes to, e.g. "
+                      "--workdir runs/default.")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory: give a directory "
+                      "(it is created if missing).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir} cannot be created: {e.strerror} "
+                      f"({e.filename}).") from None
+  for name in (_CHECKPOINTS_DIR, _EXPORT_DIR, _EVAL_DIR, _REPORT_DIR, _TENSORBOARD_DIR):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ConfigError(f"{path} is a file, but the run keeps a directory there: move it "
+                        "away or use another --workdir.")
+  try:
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir} is not writable: {e.strerror}. Use a directory "
+                      "this user can write to.") from None
 
 
 # Writing.
@@ -178,7 +252,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir} the --workdir of a run?")
   with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+      raise ConfigError(f"{path} is not valid JSON ({e}): the run's config is damaged; "
+                        "it is rewritten by the next training run on this workdir.") from None
 
 
 def read_class_names(workdir: str) -> list | None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from jaxcls.data import augment
 from jaxcls.data import images
-from jaxcls.errors import ConfigError, check_choice
+from jaxcls.errors import ConfigError, check_at_least, check_choice
 
 TRAIN_AUGMENTS = ("pad_crop_flip", "random_resized_crop_flip", "none")
 
@@ -26,6 +26,12 @@ _BILINEAR = Image.Resampling.BILINEAR
 def check_config(data_config) -> None:
   """The crop and normalization keys of config.data."""
   check_choice("data.train_augment", data_config.train_augment, TRAIN_AUGMENTS)
+  check_at_least("data.image_size", data_config.image_size, 1, integer=True)
+  check_at_least("data.crop_padding", data_config.crop_padding, 0, integer=True)
+  if data_config.eval_resize < data_config.image_size:
+    raise ConfigError(f"config.data.eval_resize={data_config.eval_resize} must be at least "
+                      f"config.data.image_size={data_config.image_size}: evaluation resizes the "
+                      "shorter side to it, then crops the center image_size square.")
   for key in ("mean", "std"):
     if len(data_config[key]) != 3:
       raise ConfigError(f"config.data.{key} needs 3 values (R, G, B), got {data_config[key]}.")
