@@ -23,22 +23,32 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in th
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_file(argv) -> str:
+  """The path given to --config (without its `:argument`), or ''."""
+  for i, arg in enumerate(argv):
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1].partition(":")[0]
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1].partition(":")[0]
+  return ""
+
+
 def parse_flags(argv):
   """absl parsing, but a bad --config.key=value ends with one readable line, no traceback."""
+  # Checked first: ml_collections would load it while parsing an override, or at first use,
+  # and end in a traceback either way.
+  config_file = _config_file(argv[1:])
+  if config_file and not os.path.isfile(config_file):
+    sys.exit(f"error: --config {config_file}: no such file (give the path of a config .py "
+             "file, e.g. configs/default.py).")
   try:
-    parsed = flags.FLAGS(argv)
+    return flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f"error: {e}\nPass --helpfull to list the flags.")
   except (AttributeError, KeyError, ValueError, TypeError) as e:
     message = (str(e).strip("'\"").replace("\\n", " ").replace('\\"', '"')
                .replace("\\'", "'"))
     sys.exit(f"error: bad config override: {message}")
-  # The config file loads lazily, at first use: a missing one would end in a traceback there.
-  config_file = (flags.FLAGS["config"].config_filename or "").partition(":")[0]
-  if config_file and not os.path.isfile(config_file):
-    sys.exit(f"error: --config {config_file}: no such file (give the path of a config .py "
-             "file, e.g. configs/default.py).")
-  return parsed
 
 
 def main(argv):

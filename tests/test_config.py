@@ -112,3 +112,35 @@ def test_model_axis_must_stay_within_a_process():
   config_lib.check_config(config, num_devices=8, process_count=1)
   with pytest.raises(config_lib.ConfigError, match=r"config.mesh.model=8 .* 4 devices"):
     config_lib.check_config(config, num_devices=8, process_count=2)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.learning_rate", -0.1, r"config.optim.learning_rate=-0.1 must be a finite number >= 0"),
+    ("optim.warmup_epochs", -1.0, r"config.optim.warmup_epochs=-1.0 must be"),
+    ("optim.momentum", 1.0, r"config.optim.momentum=1.0 must be in \[0.0, 1.0\)"),
+    ("data.eval_resize", 0, r"config.data.eval_resize=0 must be at least config.data.image_size"),
+    ("data.image_size", 0, r"config.data.image_size=0 must be an integer >= 1"),
+    ("data.crop_padding", -2, r"config.data.crop_padding=-2 must be an integer >= 0"),
+    ("eval_top_k", (0, 5), r"config.eval_top_k=\(0, 5\): each k must be a positive integer"),
+    ("checkpoint.every_epochs", 0.0, r"config.checkpoint.every_epochs=0.0 must be a finite "
+                                     r"number > 0"),
+    ("num_train_steps", 0, r"config.num_train_steps=0 must be an integer >= 1"),
+    ("num_epochs", float("nan"), r"config.num_epochs=nan must be a finite number"),
+    ("num_epochs", float("inf"), r"config.num_epochs=inf must be a finite number"),
+    ("log_every_steps", 0, r"config.log_every_steps=0 must be an integer >= 1"),
+    ("seed", -1, r"config.seed=-1 must be an integer >= 0"),
+    ("lock_lease_seconds", 0.0, r"config.lock_lease_seconds=0.0 must be a finite number > 0"),
+])
+def test_values_that_would_train_wrongly_are_named_errors(key, value, message):
+  """Each of these used to train (or crash later with a traceback) instead of failing."""
+  config = config_lib.base_config()
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.check_config(config, num_devices=8)
+
+
+def test_checkpoint_every_epochs_0_is_fine_when_every_steps_decides():
+  config = config_lib.base_config()
+  config.checkpoint.every_epochs, config.checkpoint.every_steps = 0.0, 100
+  config_lib.check_config(config, num_devices=8)
