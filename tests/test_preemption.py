@@ -1,7 +1,11 @@
 """Preemption: SIGTERM saves the step it is on and exits 0, the resume is bit-identical; a
 signal to one of two processes stops both at the same step."""
 
+import json
 import signal
+import time
+
+import pytest
 
 from helpers import assert_same_as_reference
 from runner import REFERENCE_RUN as RUN, REFERENCE_STEPS as STEPS
@@ -49,3 +53,29 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     assert p.returncode == 0, out[-3000:]
   assert f"(step {stopped_at}), data position included" in outputs[0]
   assert f"step {STEPS}/{STEPS}" in outputs[0]
+
+
+def test_sigterm_during_the_final_evaluation_saves_exits_0_and_resumes_to_the_end(
+    tmp_path, reference):
+  """Before, the guard was gone by the final evaluation: exit -15, no message, and the last
+  checkpoint left as a temporary directory."""
+  slow_eval = (*RUN, "--config.eval_batch_size=8")  # 250 eval batches: time to be signalled
+  proc = start_main(tmp_path, *slow_eval)
+  wait_for_line(proc, f"step {STEPS}/{STEPS}")
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert (f"Stopped by SIGTERM during the final evaluation; step {STEPS} is saved in "
+          f"{tmp_path / 'checkpoints' / str(STEPS)}") in out
+  assert completed_steps(tmp_path)[-1] == STEPS
+  assert not list((tmp_path / "checkpoints").glob("*tmp*"))
+  assert not (tmp_path / "results.json").exists()
+
+  resumed = run_main(tmp_path, *slow_eval)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"(step {STEPS})" in resumed.stdout and "Done:" in resumed.stdout
+  final = json.loads((tmp_path / "results.json").read_text())["eval"]
+  expected = json.loads((reference / "results.json").read_text())["eval"]
+  assert final["accuracy"] == expected["accuracy"]
+  assert final["loss"] == pytest.approx(expected["loss"], rel=1e-5)

@@ -87,6 +87,8 @@ def test_fetch_history_names_the_first_non_finite_step():
 @pytest.mark.parametrize("seconds,text", [
     (0, "0m00s"), (65, "1m05s"), (59.6, "1m00s"), (3600, "1h00m00s"), (2 * 3600 + 61, "2h01m01s"),
     (math.inf, "?"), (math.nan, "?"),
+    (999 * 3600 + 59, "999h00m59s"), (1000 * 3600, ">1000h"),
+    (5.75e16, ">1000h"),  # an absurd step count printed "15980338819936854h"
 ])
 def test_format_duration(seconds, text):
   assert reporter_lib.format_duration(seconds) == text
