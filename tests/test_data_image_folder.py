@@ -1,13 +1,20 @@
 """Image folders: one folder a class, any format and case, hidden files ignored; a separate
-eval root or a seeded held-out fraction; errors naming the folder."""
+eval root or a seeded held-out fraction; errors naming the folder. Hostile folders: links out
+of a class or into a loop, a named pipe, names that are not UTF-8, a single class."""
 
+import contextlib
 import os
+import pathlib
+import signal
 
+import ml_collections
 import pytest
 
+from jaxcls.data import image_folder
 from jaxcls.data import images
 from jaxcls.data import pipeline
 from jaxcls.data import sources
+from jaxcls.errors import ConfigError, DataError
 from helpers import LAYOUT, folder_config, index_of, small_data_config, write_image
 
 
@@ -100,3 +107,100 @@ def test_image_folder_train_pipeline(folder):
   batch = next(iter(pipeline.create_train_dataset(config, source, 4, seed=0, process_index=0,
                                                   process_count=1)))
   assert batch["image"].shape == (4, 8, 8, 3) and set(batch) == {"image", "label"}
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+  """Raises TimeoutError in the block after `seconds`: a read that blocks fails the test."""
+
+  def expire(signum, frame):
+    raise TimeoutError(f"still running after {seconds} s")
+
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def two_classes(root):
+  for i, name in enumerate(["cat/1.png", "cat/2.png", "dog/3.png", "dog/4.png"]):
+    write_image(root / name, i)
+  return root
+
+
+def relative_ids(source, root):
+  return [os.path.relpath(source[i]["id"], root) for i in range(len(source))]
+
+
+def test_links_out_of_a_class_folder_or_into_a_loop_are_not_followed(tmp_path, caplog):
+  root = two_classes(tmp_path / "data")
+  write_image(tmp_path / "outside" / "5.png", 5)
+  (root / "cat" / "loop").symlink_to("..")  # the whole root again, as cat
+  (root / "cat" / "dogs").symlink_to("../dog")  # dog images labelled cat
+  (root / "cat" / "ext").symlink_to(tmp_path / "outside")
+  (tmp_path / "outside" / "again").symlink_to(tmp_path / "outside")  # a loop outside
+  (root / "cat" / "six.png").symlink_to(root / "dog" / "4.png")  # a file: read, as cat
+  (root / "cat" / "gone.png").symlink_to("nowhere.png")
+  source = sources.create_source(folder_config(root, num_classes=2), "train")
+  assert relative_ids(source, root) == ["cat/1.png", "cat/2.png", "cat/six.png", "dog/3.png",
+                                        "dog/4.png"]
+  assert [source[i]["label"] for i in range(5)] == [0, 0, 0, 1, 1]
+  reasons = dict(line.split(": ", 1) for line in source.not_read)
+  assert set(reasons) == {str(root / "cat" / n) for n in ("dogs", "ext", "gone.png", "loop")}
+  assert "(a loop)" in reasons[str(root / "cat" / "loop")]
+  assert "inside the image folder" in reasons[str(root / "cat" / "dogs")]
+  assert "config.data.follow_links=True" in reasons[str(root / "cat" / "ext")]
+  assert "4 entries not read" in caplog.text and str(root / "cat" / "loop") in caplog.text
+
+  followed = sources.create_source(folder_config(root, num_classes=2, follow_links=True),
+                                   "train")
+  assert relative_ids(followed, root) == ["cat/1.png", "cat/2.png", "cat/six.png",
+                                          "cat/ext/5.png", "dog/3.png", "dog/4.png"]
+  assert any(line.startswith(str(root / "cat" / "ext" / "again") + ": the folder")
+             for line in followed.not_read)
+  with pytest.raises(ConfigError, match=r"config\.data\.follow_links='yes'"):
+    image_folder.check_config(ml_collections.ConfigDict({"follow_links": "yes"}))
+
+
+@pytest.mark.parametrize("skip_corrupt", [False, True])
+def test_a_named_pipe_is_listed_not_read(tmp_path, skip_corrupt):
+  root = two_classes(tmp_path / "data")
+  os.mkfifo(root / "dog" / "pipe.png")  # no writer: opening it to read would block forever
+  with deadline(60):
+    source = sources.create_source(
+        folder_config(root, num_classes=2, skip_corrupt=skip_corrupt), "train")
+    assert len(source) == 4
+    assert source.not_read == [f"{root / 'dog' / 'pipe.png'}: a named pipe, not a regular "
+                               "file; only regular files are read"]
+    with pytest.raises(DataError, match=r"pipe\.png: a named pipe, not a regular file"):
+      image_folder.read_file(str(root / "dog" / "pipe.png"))
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_named_escaped(tmp_path):
+  root = two_classes(tmp_path / "data")
+  good = os.path.join(os.fsencode(root / "cat"), b"caf\xe9.png")
+  write_image(pathlib.Path(os.fsdecode(good)), 7)
+  bad = os.path.join(os.fsencode(root / "dog"), b"bad\xff.png")
+  with open(bad, "wb") as f:
+    f.write(b"not an image")
+  source = sources.create_source(folder_config(root, num_classes=2), "train")
+  ids = relative_ids(source, root)
+  assert ids == ["cat/1.png", "cat/2.png", "cat/caf\\xe9.png", "dog/3.png", "dog/4.png",
+                 "dog/bad\\xff.png"]
+  assert index_of(images.decode_image(source[2]["image"], source[2]["id"])) == 7
+  with pytest.raises(images.CorruptImageError, match=r"dog/bad\\xff\.png: not an image"):
+    images.decode_image(source[5]["image"], source[5]["id"])
+  filtered = sources.create_source(
+      folder_config(root, num_classes=2, skip_corrupt=True, max_corrupt_fraction=0.5), "train")
+  assert len(filtered) == 5 and "bad\\xff.png: not an image" in filtered.skipped[5]
+
+
+def test_a_single_class_folder_is_an_error(tmp_path):
+  for i in range(3):
+    write_image(tmp_path / "data" / "cat" / f"{i}.png", i)
+  with pytest.raises(DataError, match=r"has one class folder \('cat'\); a classifier needs at "
+                     "least two classes"):
+    sources.create_source(folder_config(tmp_path / "data", num_classes=1), "train")
