@@ -377,20 +377,21 @@ def test_workers_end_with_a_main_process_killed_outright(tmp_path):
       os.kill(pid, signal.SIGKILL)
 
 
-def test_sigterm_to_the_process_group_saves_with_workers_and_exits_0(tmp_path):
-  # As SLURM or a Ctrl-C (SIGINT) does: the signal reaches the workers too.
+def test_ctrl_c_to_the_process_group_saves_with_workers_and_exits_0(tmp_path):
+  # A Ctrl-C in a terminal (or SLURM's SIGTERM) reaches every process of the group, workers too.
   proc = subprocess.Popen(main_command(tmp_path, *WORKER_RUN), env=main_env(), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
   try:
     wait_for_line(proc, STEP_5)
     kids = children(proc.pid)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
   assert proc.returncode == 0, out[-3000:]
-  assert "Stopped by SIGTERM" in out
+  assert "Stopped by SIGINT" in out
+  assert "KeyboardInterrupt" not in out and "Traceback" not in out, out[-3000:]
   assert 5 <= completed_steps(tmp_path)[-1] < 500
   assert still_running(kids, 10) == []
