@@ -2,6 +2,7 @@
 eval root or a seeded held-out fraction; errors naming the folder. Hostile folders: links out
 of a class or into a loop, a named pipe, names that are not UTF-8, a single class."""
 
+import json
 import os
 import pathlib
 import sys
@@ -14,7 +15,7 @@ from jaxcls.data import images
 from jaxcls.data import pipeline
 from jaxcls.data import sources
 from jaxcls.errors import ConfigError, DataError
-from runner import run_command
+from runner import run_command, run_main
 from helpers import LAYOUT, folder_config, index_of, small_data_config, write_image
 
 
@@ -134,6 +135,11 @@ def two_classes(root):
   return root
 
 
+def bytes_name(folder, name: bytes) -> pathlib.Path:
+  """folder/name for a name that is not valid UTF-8 (Linux keeps file names as bytes)."""
+  return pathlib.Path(os.fsdecode(os.path.join(os.fsencode(folder), name)))
+
+
 def relative_ids(source, root):
   return [os.path.relpath(source[i]["id"], root) for i in range(len(source))]
 
@@ -183,11 +189,8 @@ def test_a_named_pipe_is_listed_not_read(tmp_path, skip_corrupt):
 
 def test_a_file_name_that_is_not_utf8_is_read_and_named_escaped(tmp_path):
   root = two_classes(tmp_path / "data")
-  good = os.path.join(os.fsencode(root / "cat"), b"caf\xe9.png")
-  write_image(pathlib.Path(os.fsdecode(good)), 7)
-  bad = os.path.join(os.fsencode(root / "dog"), b"bad\xff.png")
-  with open(bad, "wb") as f:
-    f.write(b"not an image")
+  write_image(bytes_name(root / "cat", b"caf\xe9.png"), 7)
+  bytes_name(root / "dog", b"bad\xff.png").write_bytes(b"not an image")
   source = sources.create_source(folder_config(root, num_classes=2), "train")
   ids = relative_ids(source, root)
   assert ids == ["cat/1.png", "cat/2.png", "cat/caf\\xe9.png", "dog/3.png", "dog/4.png",
@@ -206,3 +209,27 @@ def test_a_single_class_folder_is_an_error(tmp_path):
   with pytest.raises(DataError, match=r"has one class folder \('cat'\); a classifier needs at "
                      "least two classes"):
     sources.create_source(folder_config(tmp_path / "data", num_classes=1), "train")
+
+
+def test_training_on_a_hostile_folder_reads_what_it_can_and_says_what_not(tmp_path):
+  root = tmp_path / "data"
+  for i in range(16):
+    write_image(root / ("cat" if i < 8 else "dog") / f"{i}.png", i)
+  write_image(bytes_name(root / "cat", b"caf\xe9.png"), 16)
+  (root / "cat" / "loop").symlink_to("..")
+  os.mkfifo(root / "dog" / "pipe.png")
+  result = run_main(tmp_path / "run", "--config.data.source=image_folder",
+                    f"--config.data.path={root}", "--config.data.eval_fraction=0.25",
+                    "--config.data.num_classes=2", "--config.data.num_workers=0",
+                    "--config.batch_size=8", "--config.eval_batch_size=8",
+                    "--config.num_train_steps=2", "--config.model.name=resnet_tiny",
+                    "--config.model.width=8", devices=1, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "(13 train / 4 eval)" in result.stdout  # 17 images: 16 and caf\xe9.png
+  assert result.stderr.count("2 entries not read") == 1
+  report = json.loads((tmp_path / "run" / "skipped_examples.json").read_text())
+  assert report["train"]["not_read"] == [
+      f"{root / 'cat' / 'loop'}: a link to {root}, which holds the image folder (a loop); not "
+      "followed",
+      f"{root / 'dog' / 'pipe.png'}: a named pipe, not a regular file; only regular files are "
+      "read"]

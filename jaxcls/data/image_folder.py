@@ -192,7 +192,8 @@ def find_images(paths) -> tuple[list[str], list[str]]:
   return found, skipped
 
 
-def _scan(root: str, follow_links: bool) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+def _scan(root: str, follow_links: bool,
+          log: bool = True) -> tuple[list[str], list[str], np.ndarray, list[str]]:
   """-> (class names, file paths relative to root, int32 labels, entries not read)."""
   scanner = _Scanner(root, follow_links)
   folders = scanner.class_folders()
@@ -217,7 +218,8 @@ def _scan(root: str, follow_links: bool) -> tuple[list[str], list[str], np.ndarr
           "remove the folder or add images.")
     files += [os.path.join(name, f) for f in found]
     labels += [label] * len(found)
-  scanner.log_skipped()
+  if log:
+    scanner.log_skipped()
   return ([display(f) for f in folders], files, np.asarray(labels, np.int32),
           scanner.skipped)
 
@@ -292,7 +294,9 @@ def create(data_config, split: str) -> ImageFolderSource:
   follow = data_config.follow_links
   fraction = data_config.eval_fraction
   if fraction > 0:
-    class_names, files, labels, not_read = _scan(root, follow)
+    # Both splits scan the one root; the train split says what it left out.
+    class_names, files, labels, not_read = _scan(root, follow,
+                                                 log=split == data_config.train_split)
     train, held = holdout(labels, fraction, data_config.eval_fraction_seed)
     keep = train if split == data_config.train_split else held
     files = [files[i] for i in keep]
