@@ -170,6 +170,15 @@ def test_links_out_of_a_class_folder_or_into_a_loop_are_not_followed(tmp_path, c
                                           "cat/ext/5.png", "dog/3.png", "dog/4.png"]
   assert any(line.startswith(str(root / "cat" / "ext" / "again") + ": the folder")
              for line in followed.not_read)
+  # A class folder that is a link to a folder outside: a class only when asked.
+  linked = tmp_path / "linked"
+  write_image(linked / "cat" / "1.png", 1)
+  (linked / "dog").symlink_to(tmp_path / "outside")
+  with pytest.raises(DataError, match=r"has one class folder \('cat'\).*\n  not read: "
+                     rf"{linked / 'dog'}: a link to the folder {tmp_path / 'outside'}, outside"):
+    sources.create_source(folder_config(linked, num_classes=2), "train")
+  assert len(sources.create_source(folder_config(linked, num_classes=2, follow_links=True),
+                                   "train")) == 2
   with pytest.raises(ConfigError, match=r"config\.data\.follow_links='yes'"):
     image_folder.check_config(ml_collections.ConfigDict({"follow_links": "yes"}))
 

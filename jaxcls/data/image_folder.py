@@ -16,7 +16,6 @@ the bytes that are not as escapes (caf\\xe9.png).
 """
 
 import os
-import pathlib
 import stat
 from typing import Any
 
@@ -71,6 +70,10 @@ def read_file(path: str) -> bytes:
       return f.read()
   finally:
     os.close(fd)
+
+
+def _not_read(lines: list[str]) -> str:
+  return "".join(f"\n  not read: {line}" for line in lines[:_MAX_LOGGED])
 
 
 class _Scanner:
@@ -162,8 +165,13 @@ class _Scanner:
       loose = sum(1 for f in files if images.is_image_file(f))
       hint = f"; it holds {loose} images directly, which need class folders" if loose else ""
       raise ValueError(f"Image folder {display(root)!r} has no class folders (expected "
-                       f"{display(root)}/<class_name>/<image>){hint}.")
+                       f"{display(root)}/<class_name>/<image>){hint}.{self.left_out(root)}")
     return names
+
+  def left_out(self, folder: str) -> str:
+    """The entries under folder the scan left out, for an error that finds too little there."""
+    prefix = display(folder).rstrip(os.sep) + os.sep
+    return _not_read([line for line in self.skipped if line.startswith(prefix)])
 
   def log_skipped(self) -> None:
     if self.skipped:
@@ -188,7 +196,8 @@ def find_images(paths) -> tuple[list[str], list[str]]:
     else:
       raise FileNotFoundError(f"{display(path)} is neither an image file nor a folder.")
   if not found:
-    raise FileNotFoundError(f"No image files in {', '.join(map(display, paths))}.")
+    raise FileNotFoundError(
+        f"No image files in {', '.join(map(display, paths))}.{_not_read(skipped)}")
   return found, skipped
 
 
@@ -201,7 +210,7 @@ def _scan(root: str, follow_links: bool,
     raise DataError(
         f"Image folder {display(root)!r} has one class folder ({display(folders[0])!r}); a "
         "classifier needs at least two classes, each a folder of images: "
-        f"{display(root)}/<class_name>/<image>.")
+        f"{display(root)}/<class_name>/<image>.{scanner.left_out(root)}")
   files, labels = [], []
   for label, name in enumerate(folders):
     found, others = [], 0
@@ -211,11 +220,12 @@ def _scan(root: str, follow_links: bool,
       else:
         others += 1
     if not found:
+      folder = os.path.join(root, name)
       note = f" (only {others} files of other types)" if others else ""
       raise ValueError(
-          f"Class folder {display(os.path.join(root, name))!r} has no images{note}. Images "
-          f"need one of the extensions {', '.join(images.IMAGE_EXTENSIONS)} (any case); "
-          "remove the folder or add images.")
+          f"Class folder {display(folder)!r} has no images{note}. Images need one of the "
+          f"extensions {', '.join(images.IMAGE_EXTENSIONS)} (any case); remove the folder or "
+          f"add images.{scanner.left_out(folder)}")
     files += [os.path.join(name, f) for f in found]
     labels += [label] * len(found)
   if log:
