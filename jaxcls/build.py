@@ -198,6 +198,13 @@ def restore_for_inference(workdir: str, step: int | None = None) -> InferencePar
   policy) makes the newest one be read instead.
   """
   config = inference_config(workdir_lib.load_run_config(workdir))
+  directory = workdir_lib.checkpoints_dir(workdir)
+  # Checked before orbax opens the directory: its manager would create it, and its background
+  # clean-up of temporary steps fails noisily when the process exits on this error.
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise CheckpointError(f"No checkpoint in {directory}: the run in {workdir} has saved "
+                          "none (it has only its config); train it, or pick a run that saved "
+                          "one.")
   enable_compilation_cache(config.get("compilation_cache_dir", ""))
   mesh = sharding.make_mesh(config.mesh)
   model = create_model(config)

@@ -16,7 +16,7 @@ import os
 import ml_collections
 
 from jaxcls import checkpoint, distributed, models, optim, sharding
-from jaxcls.data import augment, mixing, pipeline, sources, transforms
+from jaxcls.data import augment, image_folder, mixing, pipeline, sources, transforms
 from jaxcls.errors import ConfigError, check_at_least
 
 
@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.eval_path = ""  # image_folder: eval root with the same class folders as path
   config.data.eval_fraction = 0.0  # image_folder: > 0 holds out this fraction of each class
   config.data.eval_fraction_seed = 0  # not config.seed, so every run evaluates the same images
+  config.data.follow_links = False  # image_folder: True also reads linked folders outside path
   config.data.tfds_name = ""  # tfds: e.g. 'cifar10', 'imagenet2012'
   config.data.tfds_image_key = "image"  # tfds: feature names of the image and the ClassLabel
   config.data.tfds_label_key = "label"
@@ -233,8 +234,8 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
   _check_batch_sizes(config, mesh_sizes, process_count)
   models.check_config(config.model)
   optim.check_config(config.optim)
-  for check_data in (sources.check_config, transforms.check_config, augment.check_config,
-                     mixing.check_config, pipeline.check_config):
+  for check_data in (sources.check_config, image_folder.check_config, transforms.check_config,
+                     augment.check_config, mixing.check_config, pipeline.check_config):
     check_data(config.data)
   checkpoint.check_config(config.checkpoint)
   distributed.check_config(config.distributed)

@@ -251,12 +251,16 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir} the --workdir of a run?")
-  with open(path, encoding="utf-8") as f:
-    try:
-      return ml_collections.ConfigDict(json.load(f))
-    except ValueError as e:
-      raise ConfigError(f"{path} is not valid JSON ({e}): the run's config is damaged; "
-                        "it is rewritten by the next training run on this workdir.") from None
+  try:
+    with open(path, encoding="utf-8") as f:
+      loaded = json.load(f)
+  except ValueError as e:  # not JSON (cut short, overwritten) or not UTF-8
+    raise ValueError(f"{path} cannot be read as the run's config ({e}): the file is damaged; "
+                     "put back a copy (training writes it at the start of each run).") from None
+  if not isinstance(loaded, dict):
+    raise ValueError(f"{path} holds a JSON {type(loaded).__name__}, not the run's config (an "
+                     "object); put back a copy.")
+  return ml_collections.ConfigDict(loaded)
 
 
 def read_class_names(workdir: str) -> list | None:

@@ -1,11 +1,15 @@
 """grain pipelines: train batches (seeded, each example once an epoch, a share per process,
 resumable), exact eval batches (padded and masked), global batches on the devices, worker
-processes; and two real JAX processes reading what one process reads."""
+processes, which end with a main process killed outright and leave signals to it; and two
+real JAX processes reading what one process reads."""
 
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 from absl import flags
 import jax
@@ -17,7 +21,8 @@ import pytest
 from jaxcls.data import pipeline
 from jaxcls.data import sources
 from helpers import data_config, encode, indices_of, small_data_config, write_image
-from runner import REPO, free_port, main_env
+from runner import REPO, completed_steps, free_port, main_command, main_env, start_main
+from runner import wait_for_line
 
 
 class IndexSource:
@@ -307,3 +312,86 @@ def test_two_processes_read_what_one_process_reads(tmp_path):
     assert len(a) == len(b) == GLOBAL_BATCH // 2 and not set(a) & set(b)
     assert sorted(a + b) == sorted(single["train"][step])
   assert sorted(results[0]["eval"] + results[1]["eval"]) == list(range(23))
+
+
+# A main run with two grain worker processes, long enough to be stopped mid-way.
+WORKER_RUN = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+              "--config.batch_size=64", "--config.num_train_steps=500",
+              "--config.log_every_steps=1", "--config.checkpoint.every_steps=500",
+              "--config.data.num_workers=2")
+STEP_5 = "step   5/500"  # the progress line right-aligns the step to the total's width
+
+
+def children(pid: int) -> list[int]:
+  """The processes whose parent is pid, from /proc."""
+  found = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # the name before ")" may hold spaces
+    except (OSError, IndexError):
+      continue
+    if entry.isdigit() and int(fields[1]) == pid:
+      found.append(int(entry))
+  return found
+
+
+def running(pid: int) -> bool:
+  """Whether pid is a live process (a zombie waiting for init to reap it has ended)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def is_worker(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return b"multiprocessing.spawn" in f.read()
+  except OSError:
+    return False
+
+
+def still_running(pids, seconds: float) -> list[int]:
+  """The pids still running after up to `seconds` of waiting for them to end."""
+  deadline = time.time() + seconds
+  while time.time() < deadline and any(map(running, pids)):
+    time.sleep(0.2)
+  return [p for p in pids if running(p)]
+
+
+def test_workers_end_with_a_main_process_killed_outright(tmp_path):
+  proc = start_main(tmp_path, *WORKER_RUN)
+  kids = []
+  try:
+    wait_for_line(proc, STEP_5)
+    kids = children(proc.pid)
+    assert sum(map(is_worker, kids)) >= 2, kids  # the workers (and a resource tracker)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert still_running(kids, 10) == []
+  finally:
+    proc.kill()
+    for pid in filter(running, kids):
+      os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_to_the_process_group_saves_with_workers_and_exits_0(tmp_path):
+  # A Ctrl-C in a terminal (or SLURM's SIGTERM) reaches every process of the group, workers too.
+  proc = subprocess.Popen(main_command(tmp_path, *WORKER_RUN), env=main_env(), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  try:
+    wait_for_line(proc, STEP_5)
+    kids = children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 0, out[-3000:]
+  assert "Stopped by SIGINT" in out
+  assert "KeyboardInterrupt" not in out and "Traceback" not in out, out[-3000:]
+  assert 5 <= completed_steps(tmp_path)[-1] < 500
+  assert still_running(kids, 10) == []

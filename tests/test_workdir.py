@@ -91,3 +91,12 @@ def test_the_run_config_and_class_names_read_back_as_written(tmp_path):
   assert loaded.model.width == 8 and loaded.data.source == config.data.source
   assert loaded.to_dict() == json.loads(json.dumps(config.to_dict()))  # tuples come back as lists
   assert workdir.read_class_names(str(tmp_path)) == ["cat", "dog"]
+
+
+def test_load_run_config_names_a_damaged_file(tmp_path):
+  path = tmp_path / "config.json"
+  for text, message in [('{"model": {\n', r"cannot be read as the run's config \(Expecting"),
+                        ("[1, 2]", r"holds a JSON list, not the run's config")]:
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " " + message):
+      workdir.load_run_config(str(tmp_path))

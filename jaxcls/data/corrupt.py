@@ -53,6 +53,7 @@ class FilteredSource:
     self.class_names = source.class_names
     self.num_classes = source.num_classes
     self.num_scanned = len(source)
+    self.not_read = getattr(source, "not_read", [])
     self.skipped = skipped
     keep = np.ones(len(source), bool)
     keep[list(skipped)] = False
@@ -99,14 +100,23 @@ def drop_corrupt(source, max_fraction: float, *, process_index: int | None = Non
 
 
 def write_skip_report(workdir: str, sources: dict[str, Any]) -> str | None:
-  """Writes the run directory's skipped_examples.json for the splits checked with skip_corrupt.
+  """Writes the run directory's skipped_examples.json: per split, the examples skip_corrupt
+  left out, and the entries an image folder's scan did not read ("not_read": links not
+  followed, files that are not regular files).
 
-  `sources` maps split names to sources; returns the file written, or None when no source
-  was checked (skip_corrupt off).
+  `sources` maps split names to sources; returns the file written, or None when there is
+  nothing to list (skip_corrupt off and every entry read).
   """
-  checked = {split: {"source": s.name, "checked": s.num_scanned, "skipped": len(s.skipped),
-                    "examples": list(s.skipped.values())}
-            for split, s in sources.items() if isinstance(s, FilteredSource)}
-  if not checked:
+  report = {}
+  for split, s in sources.items():
+    entry = {}
+    if isinstance(s, FilteredSource):
+      entry = {"checked": s.num_scanned, "skipped": len(s.skipped),
+               "examples": list(s.skipped.values())}
+    if getattr(s, "not_read", None):
+      entry["not_read"] = list(s.not_read)
+    if entry:
+      report[split] = {"source": s.name, **entry}
+  if not report:
     return None
-  return workdir_lib.write_skipped_examples(workdir, checked)
+  return workdir_lib.write_skipped_examples(workdir, report)

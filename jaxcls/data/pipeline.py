@@ -14,6 +14,12 @@ The returned `grain.IterDataset`s give iterators with get_state/set_state, which
 grain.checkpoint saves next to the train state.
 """
 
+import functools
+import os
+import signal
+import threading
+import time
+
 from absl import flags
 import grain
 import jax
@@ -28,6 +34,7 @@ from jaxcls.errors import ConfigError
 # and resizes, so a few threads help even with num_workers=0; more only add contention.
 _READ_THREADS = 4
 _READ_BUFFER = 256  # elements read ahead per process
+_PARENT_POLL_SECONDS = 0.5  # how often a worker process checks that its parent lives
 
 
 def check_config(data_config) -> None:
@@ -84,6 +91,27 @@ def num_workers(data_config) -> int:
   return 0 if count <= 4 else min(count - 2, 32)
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+  while os.getppid() == parent_pid:
+    time.sleep(_PARENT_POLL_SECONDS)
+  os._exit(1)  # the parent is gone (kill -9, a crash): nothing would ever read what we make
+
+
+def _init_worker(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """Runs first in each grain worker process.
+
+  Signals are the main process's to handle: a Ctrl-C or a SIGTERM sent to the whole process
+  group would otherwise kill the workers before the main process has saved (preemption.py);
+  the main process stops them when it is done. And a main process killed outright leaves
+  its workers orphaned: a thread watching the parent's pid ends them.
+  """
+  del worker_index, worker_count
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)
+  threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True,
+                   name="jaxcls-parent-watch").start()
+
+
 def _to_iter_dataset(ds: grain.MapDataset, data_config) -> grain.IterDataset:
   """Runs the MapDataset in threads, and in `num_workers(data_config)` processes if > 0."""
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
@@ -94,8 +122,10 @@ def _to_iter_dataset(ds: grain.MapDataset, data_config) -> grain.IterDataset:
     # They also read absl flags, which a notebook or a test never parsed.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(1, data_config.prefetch_batches)))
+    it = it.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=max(1, data_config.prefetch_batches)),
+        worker_init_fn=functools.partial(_init_worker, os.getpid()))
   return it
 
 
