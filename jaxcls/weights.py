@@ -205,9 +205,10 @@ def model_settings(flat: dict, source: str) -> dict:
           "num_classes": int(flat[("params", "head", "kernel")].shape[1])}
 
 
-def expected_shapes(model_name: str, settings: dict) -> dict:
-  """{(collection, *path): shape} of the model's variables; nothing is allocated."""
-  model = models.MODELS[model_name](num_classes=settings["num_classes"],
+def expected_shapes(architecture, settings: dict) -> dict:
+  """{(collection, *path): shape} of the variables of architecture(num_classes=..., width=...,
+  stem=...), e.g. models.MODELS['resnet50']; nothing is allocated."""
+  model = architecture(num_classes=settings["num_classes"],
                                     width=settings["width"], stem=settings["stem"])
   shapes = jax.eval_shape(lambda rng: model.init(rng, np.zeros((1, 32, 32, 3), np.float32),
                                                  train=False), jax.random.key(0))
@@ -220,10 +221,14 @@ def _names(keys, limit: int = 8) -> str:
   return ", ".join(keys[:limit]) + more
 
 
-def check_complete(flat: dict, leftover: list, model_name: str, source: str) -> dict:
-  """The implied settings, after checking that every key maps and every shape fits."""
+def check_complete(flat: dict, leftover: list, model_name: str, source: str,
+                   architecture=None) -> dict:
+  """The implied settings, after checking that every key maps and every shape fits.
+
+  architecture: the model's constructor, by default models.MODELS[model_name].
+  """
   settings = model_settings(flat, source)
-  expected = expected_shapes(model_name, settings)
+  expected = expected_shapes(architecture or models.MODELS[model_name], settings)
   extra = list(leftover) + [torch_name(k) for k in flat if k not in expected]
   if extra:
     raise WeightsError(f"{source}: keys that a {model_name} has no place for: {_names(extra)}.")

@@ -13,7 +13,8 @@ without torch. The fixtures (about 300 KB) are seeded, random-valued state dicts
 - torchvision_keys.json: every key of torchvision's resnet18 and resnet50 with its shape,
   what `load_state_dict(strict=True)` asks of an export.
 - timm_basic.safetensors, timm_bottleneck.safetensors: whole timm ResNets with four stages of
-  one block, width 4 (channels 4, 8, 16, 32), 5 classes; timm_*.npz: a batch and its logits.
+  one block, width 4 (channels 4, 8, 16, 32; the stem 4 wide too), 5 classes; timm_*.npz: a
+  batch and its logits.
 
 --parity_dir writes resnet18.safetensors / resnet50.safetensors (torchvision's random init, BN
 statistics from two random batches) and parity.npz (a 224px batch and both models' logits).
@@ -97,8 +98,16 @@ def torchvision_pieces(generator: torch.Generator) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def timm_model(block, generator: torch.Generator) -> tuple[dict, dict]:
-  model = timm_resnet.ResNet(block, layers=(1, 1, 1, 1), channels=(4, 8, 16, 32), stem_width=4,
+  model = timm_resnet.ResNet(block, layers=(1, 1, 1, 1), channels=(4, 8, 16, 32),
                              num_classes=5)
+  # timm's stem is 64 wide whatever the stages; jaxcls's stem is as wide as the first stage,
+  # so the stem and the first stage are rebuilt 4 wide, from timm's own block.
+  model.conv1 = nn.Conv2d(3, 4, 7, stride=2, padding=3, bias=False)
+  model.bn1 = nn.BatchNorm2d(4)
+  out = 4 * block.expansion
+  downsample = (nn.Sequential(nn.Conv2d(4, out, 1, bias=False), nn.BatchNorm2d(out))
+                if out != 4 else None)
+  model.layer1 = nn.Sequential(block(4, 4, downsample=downsample))
   randomize_norms(model, generator)
   for head in (model.fc.weight, model.fc.bias):  # timm starts the head at 0
     head.data = 0.1 * torch.randn(head.shape, generator=generator)
