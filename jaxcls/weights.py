@@ -319,15 +319,19 @@ def init_variables(model_config, target: dict, log) -> dict:
                                   for label, keys in (("not in the model", extra),
                                                       ("not in the file", missing)) if keys))
   result = {}
-  for key, leaf in wanted.items():
+  # The stem convolution first: a width or stem mismatch is named where it starts.
+  for key, leaf in sorted(wanted.items(), key=lambda item: (item[0][1] != "stem_conv",
+                                                            item[0][1] == "head")):
     value = np.asarray(flat[key])
     if value.shape == leaf.shape:
       result[key] = value.astype(leaf.dtype)
     elif key[1] == "head" and value.shape[:-1] == leaf.shape[:-1]:
       result[key] = leaf
     else:
+      hint = (" (its last size is config.model.width; 7x7 is config.model.stem='imagenet', "
+              "3x3 'small')" if key[1] == "stem_conv" else "")
       raise ConfigError(f"{where}: {'/'.join(key)} has shape {value.shape} there, "
-                        f"{tuple(leaf.shape)} in this model.")
+                        f"{tuple(leaf.shape)} in this model{hint}.")
   if result[("params", "head", "bias")] is wanted[("params", "head", "bias")]:
     log(f"init_from: head re-initialized: {flat[('params', 'head', 'bias')].shape[0]} classes "
         f"in {path}, {wanted[('params', 'head', 'bias')].shape[0]} in config.data.num_classes "

@@ -14,6 +14,7 @@ import pytest
 from safetensors import numpy as st_numpy
 
 from jaxcls import build, checkpoint, models, sharding, steps, weights
+from jaxcls import config as config_lib
 from jaxcls.errors import ConfigError, WeightsError
 from jaxcls.models import resnet
 from helpers import put_batch, synthetic_batches, tiny_config
@@ -209,3 +210,115 @@ def test_full_resnets_match_torchvision(name, tmp_path):
   again.load_state_dict(st_torch.load_file(str(tmp_path / "back.safetensors")), strict=True)
   with torch.no_grad():
     np.testing.assert_array_equal(again.eval()(x).numpy(), expected)
+
+
+# Starting a run from weights: config.model.init_from, optim.freeze, optim.backbone_lr_scale.
+
+
+def start(config, mesh_shape=None):
+  """(state, compiled train step, log lines) for config on the fake devices."""
+  mesh = sharding.make_mesh(config.mesh)
+  model = build.create_model(config)
+  schedule, tx = build.create_optimizer(config, 10, 10)
+  lines = []
+  state, shardings = build.create_train_state(model, tx, config, mesh, lines.append)
+  step = build.compile_train_step(steps.make_train_step(config.data, config.optim, schedule),
+                                  state, shardings, mesh, config)
+  return state, lambda s, batch: step(s, put_batch(batch, mesh)), lines
+
+
+def test_init_from_a_1000_class_file_reinitializes_the_head_and_trains(tmp_path):
+  flat = random_variables("resnet_tiny", num_classes=1000, stem="small")
+  config = tiny_config(fsdp=2)  # kernels split over fsdp: each placed shard by shard
+  config.model.init_from = str(write_torch_file(tmp_path / "in1k.safetensors", flat))
+  state, train_step, lines = start(config)
+  assert any("init_from: head re-initialized: 1000 classes" in line and
+             "10 in config.data.num_classes" in line for line in lines), lines
+  loaded = flax.traverse_util.flatten_dict(
+      jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
+  for key, value in loaded.items():
+    if key[1] == "head":  # the model's own initializer: zeros
+      assert not value.any() and value.shape[-1] == 10
+    else:
+      np.testing.assert_array_equal(value, flat[key], err_msg=str(key))
+  losses = []
+  for batch in synthetic_batches(config, 3):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all()
+  assert jax.device_get(state.params["head"]["kernel"]).any()  # the new head learns
+
+
+def test_init_from_mismatches_name_the_parameter(tmp_path):
+  config = tiny_config()
+  config.model.init_from = str(write_torch_file(
+      tmp_path / "wide.safetensors", random_variables("resnet_tiny", 10, width=16, stem="small")))
+  with pytest.raises(ConfigError, match=r"init_from=.*: params/stem_conv/kernel has shape "
+                                        r"\(3, 3, 3, 16\) there, \(3, 3, 3, 8\) in this model "
+                                        r"\(its last size is config.model.width"):
+    start(config)
+  config.model.init_from = str(write_torch_file(
+      tmp_path / "r18.safetensors", random_variables("resnet18", 10, stem="small")))
+  with pytest.raises(ConfigError, match=r"does not fit config.model.name='resnet_tiny': not in "
+                                        r"the model: batch_stats/stage1_block2/bn1/mean"):
+    start(config)
+  config.model.init_from = str(tmp_path / "missing.safetensors")
+  with pytest.raises(ConfigError, match=r"config.model.init_from=.*missing.safetensors.*: no "
+                                        "such file"):
+    models.check_init_from(config.model)
+  config.model.init_from = str(tmp_path)
+  with pytest.raises(ConfigError, match="a directory without a jaxcls export"):
+    models.check_init_from(config.model)
+  config.model.init_from = str(tmp_path / "weights.pth")
+  with pytest.raises(ConfigError, match="convert a .pth once with `python -m jaxcls.weights"):
+    models.check_init_from(config.model)
+
+
+def first_update(config, batch):
+  state, train_step, _ = start(config)
+  before = jax.device_get(state.params)
+  after = jax.device_get(train_step(state, batch)[0].params)
+  return jax.tree.map(lambda a, b: a - b, after, before)
+
+
+def test_freeze_and_backbone_lr_scale(tmp_path):
+  config = tiny_config()
+  config.optim.schedule = "constant"
+  # Random weights everywhere (a fresh head is zeros, which would stop every other gradient).
+  config.model.init_from = str(write_torch_file(
+      tmp_path / "tiny.safetensors", random_variables("resnet_tiny", 10, stem="small")))
+  batch = synthetic_batches(config, 1)[0]
+  plain = first_update(config, batch)
+  config.optim.freeze = "^stem_"
+  config.optim.backbone_lr_scale = 0.1
+  tuned = first_update(config, batch)
+  # float32 differences of params near 1: about 1e-7 of rounding (hence atol)
+  for path, update in flax.traverse_util.flatten_dict(tuned, sep="/").items():
+    reference = flax.traverse_util.flatten_dict(plain, sep="/")[path]
+    assert np.abs(reference).max() > 0, path
+    if path.startswith("stem_"):
+      assert not update.any(), path  # frozen: not even weight decay moves it
+    elif path.startswith("head/"):
+      np.testing.assert_allclose(update, reference, rtol=1e-5, atol=2e-7, err_msg=path)
+    else:
+      np.testing.assert_allclose(update, 0.1 * reference, rtol=1e-4, atol=2e-7, err_msg=path)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("freeze", "stage(", r"config.optim.freeze='stage\(' is not a regular expression"),
+    ("head_params", "[", r"config.optim.head_params='\[' is not a regular expression"),
+    ("backbone_lr_scale", 2.0, r"config.optim.backbone_lr_scale=2.0 must be in \[0.0, 1.0\]"),
+])
+def test_bad_fine_tuning_settings_name_the_key(key, value, message):
+  config = tiny_config()
+  config.optim[key] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.check_config(config, jax.device_count())
+
+
+def test_a_freeze_that_matches_nothing_is_an_error():
+  config = tiny_config()
+  config.optim.freeze = "^layer1"  # torch's name, not jaxcls's
+  with pytest.raises(ConfigError, match=r"freeze='\^layer1' matches no parameter; their names "
+                                        "look like stem_conv/kernel"):
+    start(config)
