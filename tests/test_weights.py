@@ -322,3 +322,30 @@ def test_a_freeze_that_matches_nothing_is_an_error():
   with pytest.raises(ConfigError, match=r"freeze='\^layer1' matches no parameter; their names "
                                         "look like stem_conv/kernel"):
     start(config)
+
+
+@pytest.mark.slow
+def test_a_run_exported_to_torchvision_and_back_starts_a_new_run(trained_workdir, tmp_path):
+  """The user's path: a run's weights -> torchvision .safetensors -> `import` -> a new run
+  with init_from; run again, the new run's own checkpoint wins over init_from."""
+  result = run_tool("jaxcls.weights", "export", "--workdir", trained_workdir,
+                    "--out", tmp_path / "run.safetensors")
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = run_tool("jaxcls.weights", "import", tmp_path / "run.safetensors", "--model",
+                    "resnet_tiny", "--out", tmp_path / "imported")
+  assert result.returncode == 0, result.stderr[-2000:]
+  imported, _ = checkpoint.load_export(str(tmp_path / "imported"))
+  jax.tree.map(np.testing.assert_array_equal, imported,
+               checkpoint.load_export(str(trained_workdir / "export"))[0])
+  run = ("--config.model.name=resnet_tiny", "--config.model.width=8", "--config.batch_size=64",
+         f"--config.model.init_from={tmp_path / 'imported'}", "--config.optim.freeze=^stem_")
+  result = run_main(tmp_path / "finetune", *run, "--config.num_train_steps=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Started from the weights in {tmp_path / 'imported'}" in result.stdout
+  assert "head re-initialized" not in result.stdout  # 10 classes in both
+  tuned, _ = checkpoint.load_export(str(tmp_path / "finetune" / "export"))
+  np.testing.assert_array_equal(tuned["params"]["stem_conv"]["kernel"],
+                                imported["params"]["stem_conv"]["kernel"])  # frozen
+  result = run_main(tmp_path / "finetune", *run, "--config.num_train_steps=3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from" in result.stdout and "Started from the weights" not in result.stdout
