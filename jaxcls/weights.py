@@ -332,26 +332,34 @@ def init_variables(model_config, target: dict, log) -> dict:
               "3x3 'small')" if key[1] == "stem_conv" else "")
       raise ConfigError(f"{where}: {'/'.join(key)} has shape {value.shape} there, "
                         f"{tuple(leaf.shape)} in this model{hint}.")
-  if result[("params", "head", "bias")] is wanted[("params", "head", "bias")]:
-    log(f"init_from: head re-initialized: {flat[('params', 'head', 'bias')].shape[0]} classes "
-        f"in {path}, {wanted[('params', 'head', 'bias')].shape[0]} in config.data.num_classes "
-        "(params/head/kernel, params/head/bias).")
+  bias = ("params", "head", "bias")
+  if bias in result and result[bias] is wanted[bias]:
+    log(f"init_from: head re-initialized: {flat[bias].shape[0]} classes in {path}, "
+        f"{wanted[bias].shape[0]} in config.data.num_classes (params/head/kernel, "
+        "params/head/bias).")
   return flax.traverse_util.unflatten_dict(result)
+
+
+def _verb(function) -> str:
+  """The subcommand of a function: import_weights -> 'import'."""
+  return function.__name__.split("_")[0]
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  importer = commands.add_parser("import", help="torchvision / timm state dict -> jaxcls export")
+  importer = commands.add_parser(_verb(import_weights),
+                                 help="torchvision / timm state dict -> jaxcls export")
   importer.add_argument("src", help="a .safetensors, .pth or .pt state dict")
   importer.add_argument("--model", required=True, choices=resnet_names())
   importer.add_argument("--out", required=True, help="the export directory to write")
-  exporter = commands.add_parser("export", help="jaxcls run -> torchvision .safetensors")
+  exporter = commands.add_parser(_verb(export_weights),
+                                 help="jaxcls run -> torchvision .safetensors")
   exporter.add_argument("--workdir", required=True, help="a run directory, or an export")
   exporter.add_argument("--out", required=True, help="the .safetensors file to write")
   args = parser.parse_args(argv)
   try:
-    if args.command == "import":
+    if args.command == _verb(import_weights):
       info = import_weights(args.src, args.model, args.out)
       model = info["model"]
       print(f"{args.src} -> {args.out}: {model['name']}, stem {model['stem']!r}, width "
