@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxcls import checkpoint, models, optim, sharding, steps
+from jaxcls import checkpoint, models, optim, sharding, steps, weights
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import sources
 from jaxcls.errors import CheckpointError, ConfigError
@@ -97,14 +97,33 @@ def abstract_train_state(model, tx, config, mesh):
   return abstract, shardings
 
 
-def create_train_state(model, tx, config, mesh):
+def create_train_state(model, tx, config, mesh, log=logging.info):
   """Builds the train state directly in its sharded layout: shapes -> shardings -> init.
 
-  No device ever holds a full copy of a parameter that the mesh splits.
+  No device ever holds a full copy of a parameter that the mesh splits. With
+  `config.model.init_from`, the parameters and BatchNorm statistics are then replaced by
+  those weights (each array placed shard by shard) and the optimizer state made for them.
   """
   _, shardings = abstract_train_state(model, tx, config, mesh)
   init = jax.jit(_initializer(model, tx, config), out_shardings=shardings)
-  return init(jax.random.key(config.seed)), shardings
+  state = init(jax.random.key(config.seed))
+  if config.model.get("init_from"):
+    variables = weights.init_variables(
+        config.model, {"params": state.params, "batch_stats": state.batch_stats}, log)
+    variables = jax.tree.map(_place, variables,
+                             {"params": state.params, "batch_stats": state.batch_stats})
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(variables["params"])
+    log(f"Started from the weights in {config.model.init_from}.")
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                          opt_state=opt_state)
+  return state, shardings
+
+
+def _place(value, like: jax.Array) -> jax.Array:
+  """A host array laid out as `like` (each process builds only its own shards)."""
+  if value is like:
+    return like
+  return jax.make_array_from_callback(like.shape, like.sharding, lambda index: value[index])
 
 
 def batch_spec(mesh, global_batch_size: int, image_size: int, with_mask: bool = False):

@@ -376,6 +376,10 @@ def export_variables(directory: str, state, info: dict) -> None:
 def load_export(directory: str):
   """-> (variables {"params", "batch_stats"} as numpy-backed arrays, info dict)."""
   info = workdir_lib.read_export_info(directory)
-  variables = ocp.StandardCheckpointer().restore(
-      workdir_lib.export_variables_dir(workdir_lib.orbax_path(directory)))
-  return variables, info
+  path = workdir_lib.export_variables_dir(workdir_lib.orbax_path(directory))
+  checkpointer = ocp.StandardCheckpointer()
+  # numpy targets: restored on the host, whatever device count saved it (orbax would
+  # otherwise look for the saving run's devices)
+  target = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype),
+                        checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, target), info

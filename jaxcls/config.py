@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = "auto"
   config.model.zero_init_residual = True  # last BatchNorm scale of each block starts at 0
   config.model.bn_momentum = 0.9
+  # Start training from these weights (docs/guide.md "Start from pretrained weights"): a
+  # jaxcls export directory (a run's export/, or `python -m jaxcls.weights import`'s output)
+  # or a torchvision / timm ResNet .safetensors. Another class count re-initializes the head.
+  # A checkpoint in the workdir takes precedence: a resumed run continues from it.
+  config.model.init_from = ""
 
   # Devices: named mesh axes; -1 takes the remaining devices. The global batch is split over
   # data x fsdp; the train state over fsdp as zero_stage says, and over model (tensor
@@ -110,6 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.nesterov = True
   config.optim.weight_decay = 5e-4  # on kernels only, not on BatchNorm or biases
   config.optim.label_smoothing = 0.1
+  # Fine-tuning (jaxcls/optim.py): parameters whose path ('stage1_block1/conv1/kernel')
+  # matches `freeze` are not updated (their BatchNorm statistics still are, in training mode);
+  # those not matching `head_params` train at learning_rate * backbone_lr_scale.
+  config.optim.freeze = ""  # regex; "" freezes nothing
+  config.optim.head_params = "^head/"  # regex: the parameters that keep the full learning rate
+  config.optim.backbone_lr_scale = 1.0
 
   # Checkpoints in <workdir>/checkpoints (see jaxcls/checkpoint.py). A run started again with
   # the same workdir resumes from the latest complete one, data position included.
@@ -233,6 +244,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
   mesh_sizes = sharding.check_mesh_config(config.mesh, num_devices, process_count)
   _check_batch_sizes(config, mesh_sizes, process_count)
   models.check_config(config.model)
+  models.check_init_from(config.model)
   optim.check_config(config.optim)
   for check_data in (sources.check_config, image_folder.check_config, transforms.check_config,
                      augment.check_config, mixing.check_config, pipeline.check_config):

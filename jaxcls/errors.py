@@ -17,6 +17,10 @@ class DataError(ValueError):
   """Data that cannot be read as asked: the message names the file, split or record."""
 
 
+class WeightsError(ValueError):
+  """A weights file that cannot be read or mapped: the message names the file and the keys."""
+
+
 def check_in_range(key: str, value, low: float, high: float, *, high_inclusive: bool = True):
   """Raises ConfigError unless low <= value <= high (< high when not high_inclusive)."""
   if not (low <= value <= high if high_inclusive else low <= value < high):

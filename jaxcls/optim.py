@@ -1,10 +1,13 @@
-"""The optimizer: optax SGD with momentum, a learning-rate schedule and decoupled-from-BN decay."""
+"""The optimizer: optax SGD with momentum, a learning-rate schedule and decoupled-from-BN decay;
+for fine-tuning, frozen parameters and a lower learning rate for the backbone."""
+
+import re
 
 import flax
 import optax
 from absl import logging
 
-from jaxcls.errors import check_at_least, check_choice, check_in_range
+from jaxcls.errors import ConfigError, check_at_least, check_choice, check_in_range
 
 SCHEDULES = ("cosine", "constant", "step")
 LR_SCALINGS = ("none", "linear")
@@ -23,6 +26,14 @@ def check_config(optim_config) -> None:
   if optim_config.learning_rate == 0:
     logging.log_first_n(logging.WARNING, "config.optim.learning_rate=0: the parameters will "
                         "not change (BatchNorm statistics still do).", 1)
+  # .get: the configs of runs written before these keys existed (evaluate, predict)
+  for key in ("freeze", "head_params"):
+    try:
+      re.compile(optim_config.get(key, ""))
+    except re.error as e:
+      raise ConfigError(f"config.optim.{key}={optim_config[key]!r} is not a regular "
+                        f"expression: {e}.") from None
+  check_in_range("optim.backbone_lr_scale", optim_config.get("backbone_lr_scale", 1.0), 0.0, 1.0)
 
 
 def peak_learning_rate(optim_config, batch_size: int) -> float:
@@ -65,11 +76,37 @@ def decay_mask(params):
   return flax.traverse_util.unflatten_dict(mask)
 
 
+def param_labels(optim_config):
+  """params -> the same tree of 'frozen', 'head' or 'backbone', by regex on 'a/b/kernel'."""
+  freeze = re.compile(optim_config.freeze) if optim_config.freeze else None
+  head = re.compile(optim_config.head_params)
+
+  def labels(params):
+    names = flax.traverse_util.flatten_dict(params, sep="/")
+    found = {name: "frozen" if freeze and freeze.search(name) else
+             "head" if head.search(name) else "backbone" for name in names}
+    if freeze and "frozen" not in found.values():  # a typo would silently train everything
+      raise ConfigError(f"config.optim.freeze={optim_config.freeze!r} matches no parameter; "
+                        f"their names look like {', '.join(list(names)[:3])}.")
+    return flax.traverse_util.unflatten_dict(found, sep="/")
+
+  return labels
+
+
+def _sgd(optim_config, schedule):
+  return optax.sgd(schedule, momentum=optim_config.momentum or None,
+                   nesterov=bool(optim_config.nesterov))
+
+
 def create_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTransformation:
   # Weight decay is added to the gradient before momentum (L2, as torch.optim.SGD does it),
   # which is what the reference ResNet recipes were tuned with.
-  return optax.chain(
-      optax.add_decayed_weights(optim_config.weight_decay, mask=decay_mask),
-      optax.sgd(schedule, momentum=optim_config.momentum or None,
-                nesterov=bool(optim_config.nesterov)),
-  )
+  decay = optax.add_decayed_weights(optim_config.weight_decay, mask=decay_mask)
+  scale = float(optim_config.get("backbone_lr_scale", 1.0))
+  if not optim_config.get("freeze") and scale == 1.0:
+    return optax.chain(decay, _sgd(optim_config, schedule))  # one group: the plain state
+  return optax.chain(decay, optax.multi_transform(
+      {"head": _sgd(optim_config, schedule),
+       "backbone": _sgd(optim_config, lambda step: schedule(step) * scale),
+       "frozen": optax.set_to_zero()},
+      param_labels(optim_config)))

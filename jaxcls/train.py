@@ -106,8 +106,8 @@ def _loop(config, parts, mesh, batches, evaluate, checkpointer, reporter, steps_
   if config.checkpoint.resume:
     state, start_step = checkpoint.resume(checkpointer, parts.abstract_state, batches,
                                           steps_per_epoch, reporter.log)
-  if state is None:
-    state, _ = build.create_train_state(parts.model, parts.tx, config, mesh)
+  if state is None:  # a checkpoint wins over config.model.init_from
+    state, _ = build.create_train_state(parts.model, parts.tx, config, mesh, reporter.log)
   reporter.truncate_after(start_step)
 
   eval_every = int(round(config.eval_every_epochs * steps_per_epoch))

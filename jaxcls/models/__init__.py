@@ -5,12 +5,14 @@ zero_init_residual and bn_momentum and returns a flax.linen.Module whose
 `__call__(x, train)` maps float32 NHWC images to float32 logits.
 """
 
+import os
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcls import workdir
 from jaxcls.errors import ConfigError
 from jaxcls.models import cnn
 from jaxcls.models import resnet
@@ -64,6 +66,30 @@ def check_config(model_config) -> None:
     raise ConfigError(
         f'config.model.bn_momentum: must be in [0, 1), got '
         f'{model_config.bn_momentum!r}')
+
+
+def check_init_from(model_config) -> None:
+  """`config.model.init_from`: an export directory, or a .safetensors file for a ResNet.
+
+  Apart from check_config, which create_model runs: a finished run's model is still built
+  for evaluation when the file it started from is gone.
+  """
+  path = model_config.get("init_from", "")  # runs written before the key existed
+  if not path:
+    return
+  key = f"config.model.init_from={path!r}"
+  if os.path.isdir(path):
+    if not os.path.isfile(workdir.export_info_path(path)):
+      raise ConfigError(f"{key} is a directory without a jaxcls export in it (a run's "
+                        "export/ folder, or what `python -m jaxcls.weights import` wrote).")
+  elif not path.endswith(".safetensors"):
+    raise ConfigError(f"{key}: use an export directory or a .safetensors file; convert a "
+                      ".pth once with `python -m jaxcls.weights import`.")
+  elif not os.path.isfile(path):
+    raise ConfigError(f"{key}: no such file.")
+  elif getattr(MODELS[model_config.name], "func", None) is not resnet.ResNet:
+    raise ConfigError(f"{key}: a torchvision / timm state dict fits the ResNets only, not "
+                      f"config.model.name={model_config.name!r}.")
 
 
 def create_model(model_config, num_classes: int) -> nn.Module:
