@@ -30,7 +30,7 @@ def get_config(arg: str = ""):
   config.data.eval_resize = 256
   config.data.mean = (0.485, 0.456, 0.406)
   config.data.std = (0.229, 0.224, 0.225)
-  config.data.num_workers = 16
+  config.data.num_workers = -1  # this process's share of the host's cores, minus 2
 
   config.model.name = "resnet50"
   config.model.stem = "imagenet"

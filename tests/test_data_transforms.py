@@ -70,7 +70,7 @@ def test_unknown_augment():
 def test_config_adds_the_policies_after_the_crop():
   config = data_config(auto_augment="trivialaugment", random_erasing=0.25)
   ts = transforms.train_transforms(config)
-  assert [type(t).__name__ for t in ts] == ["Decode", "ResizeCenterCrop", "PadCropFlip",
+  assert [type(t).__name__ for t in ts] == ["DecodeResizeCenterCrop", "PadCropFlip",
                                             "AutoAugment", "RandomErasing"]
   source = sources.create_source(config, "test")
 
