@@ -176,10 +176,11 @@ def image_size(image: Any, name: str | None = None,
     header = jpeg_header(data)
     if header is not None:
       width, height, orientation = header.width, header.height, header.orientation
+      check_pixels(width, height, max_pixels)
     else:
       with Image.open(io.BytesIO(data)) as pil:
+        check_pixels(*pil.size, max_pixels)  # first: a PNG's getexif() decodes it
         (width, height), orientation = pil.size, pil.getexif().get(0x0112, 0)
-    check_pixels(width, height, max_pixels)
   except CorruptImageError as e:
     raise type(e)(f"{name or 'image'}: {e}") from None
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
