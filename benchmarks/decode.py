@@ -19,12 +19,15 @@ Contenders, per size:
   reduced  jaxcls now: transforms.decode_random_resized_crop_flip (the box from the JPEG
            header, a decode at 1/2, 1/4 or 1/8 when the crop stays >= 224 px, only the box
            handed to PIL).
+  converted  the same, on the files `python -m jaxcls.data.convert` writes by default now
+           (--resize 320 --quality 90: shorter side 320, bicubic): other pixels, so it is
+           the speed a user of the defaults gets, not a like-for-like comparison.
 and the eval path (resize shorter side to 256 + center crop 224): main's against now's.
 Then a decoder row: one JPEG decoded at half size by OpenCV (IMREAD_REDUCED_COLOR_2), PIL
 (draft) and simplejpeg (min_width / min_height), and in full by each.
 
 Fidelity: over every file and 20 seeds, now's crop against the full-decode crop of the same
-box: mean absolute difference (of 255) and PSNR, over all crops and over the reduced ones.
+box: mean absolute difference (of 255) and PSNR, over all crops and over the changed ones.
 """
 
 import argparse
@@ -40,6 +43,7 @@ import numpy as np
 from PIL import Image
 import simplejpeg
 
+from jaxcls.data import convert
 from jaxcls.data import images
 from jaxcls.data import transforms
 
@@ -89,6 +93,23 @@ def _main_path(data: bytes, rng) -> np.ndarray:
 
 def _reduced_path(data: bytes, rng) -> np.ndarray:
   return transforms.decode_random_resized_crop_flip(data, CROP, rng)
+
+
+_CONVERTED = {}  # original file -> what the converter's defaults store for it
+
+
+def _convert(data: bytes) -> bytes:
+  image = images.decode_image(data)
+  if min(image.shape[:2]) <= convert.DEFAULT_RESIZE:
+    return data
+  small = transforms.resize_shorter_side(image, convert.DEFAULT_RESIZE, Image.Resampling.BICUBIC)
+  out = io.BytesIO()
+  Image.fromarray(small).save(out, "JPEG", quality=convert.DEFAULT_QUALITY)
+  return out.getvalue()
+
+
+def _converted_path(data: bytes, rng) -> np.ndarray:
+  return _reduced_path(_CONVERTED[data], rng)
 
 
 def _main_eval(data: bytes, rng) -> np.ndarray:
@@ -156,7 +177,8 @@ def _error_stats(errors: list[np.ndarray]) -> dict:
 
 def fidelity(files: list[bytes], seeds: int = 20) -> dict:
   """Now's crops against the full-decode crops of the same boxes: mean |diff| and PSNR, over
-  all crops and over those that differ at all (a reduced decode), for train and eval."""
+  all crops and over those that differ at all ("changed": a reduced decode, or PIL's
+  rounding), for train and eval."""
   train, evals = [], []
   for data in files:
     full = images.decode_image(data)
@@ -167,13 +189,14 @@ def fidelity(files: list[bytes], seeds: int = 20) -> dict:
     new = _reduced_eval(data, None).astype(np.float64)
     evals.append(np.abs(new - _main_eval(data, None)))
   return {f"{path} {part}": _error_stats([e for e in errors if part == "all" or e.any()])
-          for path, errors in (("train", train), ("eval", evals)) for part in ("all", "reduced")}
+          for path, errors in (("train", train), ("eval", evals)) for part in ("all", "changed")}
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--seconds", type=float, default=3.0, help="per contender and round")
+  parser.add_argument("--seeds", type=int, default=20, help="crops per file for the fidelity")
   parser.add_argument("--json", help="write the figures here too")
   args = parser.parse_args(argv)
   cv2.setNumThreads(1)  # per core: OpenCV would otherwise spread a decode over threads
@@ -181,13 +204,15 @@ def main(argv=None) -> dict:
                        f"{time.strftime('%Y-%m-%d')}", "rows": []}
   print(f"{result['machine']}; images per CPU-second, median over {args.rounds} rounds")
   groups = {
-      "train": {"pil": _pil_loop, "main": _main_path, "reduced": _reduced_path},
+      "train": {"pil": _pil_loop, "main": _main_path, "reduced": _reduced_path,
+                "converted": _converted_path},
       "eval": {"main": _main_eval, "reduced": _reduced_eval},
       **{f"decode 1/{r}": {lib: _decoder(lib, r) for lib in ("opencv", "pil", "simplejpeg")}
          for r in (2, 1)},
   }
   for width, height in SIZES:
     files = jpeg_files((width, height))
+    _CONVERTED.update({data: _convert(data) for data in files})
     for group, contenders in groups.items():
       rates = compare(contenders, files, args.rounds, args.seconds)
       row = {"size": f"{width}x{height}", "path": group,
@@ -198,13 +223,14 @@ def main(argv=None) -> dict:
           per_round = [a / b for a, b in zip(rates[name], rates[base])]
           row[f"{name}/{base}"] = statistics.median(per_round)
       if group == "train":
-        row["reduced/main"] = statistics.median(
-            a / b for a, b in zip(rates["reduced"], rates["main"]))
+        for name in ("reduced", "converted"):
+          row[f"{name}/main"] = statistics.median(
+              a / b for a, b in zip(rates[name], rates["main"]))
       result["rows"].append(row)
       print(f"{width}x{height} {group:10s} " + "  ".join(
           f"{k} {v:,.2f}" if "/" in k else f"{k} {v:,.0f}" for k, v in row.items()
           if k not in ("size", "path")))
-    quality = fidelity(files)
+    quality = fidelity(files, args.seeds)
     result["rows"].append({"size": f"{width}x{height}", "path": "fidelity", **quality})
     print(f"{width}x{height} fidelity   now vs a full decode, same boxes: " + "; ".join(
         f"{key}: {q['crops']} crops" + (f", mean |diff| {q['mean_abs']:.3f} of 255, PSNR "
