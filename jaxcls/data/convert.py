@@ -215,8 +215,8 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   try:
     meta = convert(args.src, args.dst, args.split, resize=args.resize, quality=args.quality,
-                   max_pixels=args.max_image_pixels, num_shards=args.num_shards, workers=args.workers,
-                   skip_corrupt=args.skip_corrupt,
+                   max_pixels=args.max_image_pixels, num_shards=args.num_shards,
+                   workers=args.workers, skip_corrupt=args.skip_corrupt,
                    max_corrupt_fraction=args.max_corrupt_fraction, overwrite=args.overwrite)
   except ValueError as e:
     sys.exit(f"error: {e}")

@@ -180,7 +180,7 @@ def _decode_on(device, examples: list, size: int) -> jax.Array:
     return jax.dlpack.from_dlpack(out.as_tensor()).copy()
 
 
-def global_batch(batch: PlannedBatch, sharding: jax.sharding.NamedSharding) -> dict:
+def global_batch(batch: list, sharding: jax.sharding.NamedSharding) -> dict:
   """A planned batch -> {"image": global uint8 jax.Array, "label", ("mask")}, each local
   device decoding the examples that `sharding` gives it."""
   local = len(batch)

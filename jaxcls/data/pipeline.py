@@ -129,7 +129,8 @@ def create_train_dataset(data_config, source: sources.Source, global_batch_size:
       ds = ds.map(t)
   # grain keeps the epoch in the index through slice and repeat, so each epoch reshuffles.
   ds = ds[:used][process_index::process_count].repeat()
-  ds = ds.batch(local_batch, drop_remainder=True, batch_fn=dali.PlannedBatch if on_gpu else None)
+  ds = ds.batch(local_batch, drop_remainder=True,
+                batch_fn=dali.PlannedBatch if on_gpu else None)
   return _to_iter_dataset(ds, data_config)
 
 
@@ -166,14 +167,15 @@ def create_eval_dataset(data_config, source: sources.Source, global_batch_size: 
   ds = grain.MapDataset.concatenate([real, padding])[process_index::process_count]
   on_gpu = dali.selected(data_config)
   for t in (dali if on_gpu else transforms).eval_transforms(data_config):
-    ds = ds.random_map(t, seed=0) if on_gpu else ds.map(t)
-  ds = ds.batch(local_batch, drop_remainder=True, batch_fn=dali.PlannedBatch if on_gpu else None)
+    ds = ds.random_map(t, seed=0) if on_gpu else ds.map(t)  # the plan is a RandomMap
+  ds = ds.batch(local_batch, drop_remainder=True,
+                batch_fn=dali.PlannedBatch if on_gpu else None)
   return _to_iter_dataset(ds, data_config)
 
 
 def make_global_batch(local_batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
   """This process's numpy batch -> global jax.Arrays, batch dimension sharded as `sharding` says."""
-  if isinstance(local_batch, dali.PlannedBatch):
+  if isinstance(local_batch, list):  # a dali.PlannedBatch (worker processes may send a list)
     return dali.global_batch(local_batch, sharding)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
