@@ -10,7 +10,8 @@ center crop 224, zero-initialised last BatchNorm of each block, bfloat16 compute
 Expected: about 76-77% top-1 on the validation split after 90 epochs (the published result of
 this recipe). Prepare the data once with TFDS (`tfds build imagenet2012
 --file_format=array_record`, see docs/guide.md "Bringing your data"), or convert an image folder with
-`python -m jaxcls.data.convert --resize 256` and set source='array_record'.
+`python -m jaxcls.data.convert` (shorter side 320 by default) and set source='array_record'.
+On many GPUs per host, config.data.decoder='dali' decodes on the GPUs (docs/guide.md).
 """
 
 from jaxcls.config import base_config
@@ -30,7 +31,7 @@ def get_config(arg: str = ""):
   config.data.eval_resize = 256
   config.data.mean = (0.485, 0.456, 0.406)
   config.data.std = (0.229, 0.224, 0.225)
-  config.data.num_workers = 16
+  config.data.num_workers = -1  # this process's share of the host's cores, minus 2
 
   config.model.name = "resnet50"
   config.model.stem = "imagenet"

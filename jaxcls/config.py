@@ -16,7 +16,7 @@ import os
 import ml_collections
 
 from jaxcls import checkpoint, distributed, models, optim, sharding
-from jaxcls.data import augment, image_folder, mixing, pipeline, sources, transforms
+from jaxcls.data import augment, dali, image_folder, mixing, pipeline, sources, transforms
 from jaxcls.errors import ConfigError, check_at_least
 
 
@@ -41,6 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.tfds_label_key = "label"
   config.data.skip_corrupt = False  # True: decode all once up front, drop and list bad images
   config.data.max_corrupt_fraction = 0.01  # with skip_corrupt: more bad images is an error
+  # Images whose header gives more pixels are refused (or skipped) before decoding. Default:
+  # PIL's Image.MAX_IMAGE_PIXELS; 0 = no limit.
+  config.data.max_image_pixels = 89_478_485
+  # 'cpu': grain workers decode and crop (the default); 'dali': NVIDIA DALI decodes and crops
+  # on the GPU (pip install 'jaxcls[dali]'; jaxcls/data/dali.py).
+  config.data.decoder = "cpu"
   config.data.num_classes = 10
   config.data.image_size = 32
   # Augmentation: crop, then optional policies, on the host; mixing on the device.
@@ -58,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.std = (0.2470, 0.2435, 0.2616)
   # grain worker processes that decode and augment; 0 works in the main process (in threads);
   # -1 picks from this process's cores (its share of the host: jaxcls/data/cores.py): 0 with
-  # 4 or fewer, else cores - 2 (at most 32).
+  # 4 or fewer, else cores - 2, no cap (logged at the start).
   config.data.num_workers = -1
   config.data.prefetch_batches = 2  # batches kept ready ahead of the step
   config.data.synthetic_size = 10_000  # examples of the 'synthetic' source
@@ -247,7 +253,8 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
   models.check_init_from(config.model)
   optim.check_config(config.optim)
   for check_data in (sources.check_config, image_folder.check_config, transforms.check_config,
-                     augment.check_config, mixing.check_config, pipeline.check_config):
+                     augment.check_config, mixing.check_config, pipeline.check_config,
+                     dali.check_config):
     check_data(config.data)
   checkpoint.check_config(config.checkpoint)
   distributed.check_config(config.distributed)

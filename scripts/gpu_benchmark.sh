@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # jaxcls's speed on one GPU, in one command: train step vs a minimal Flax loop and torchvision
-# under torch.compile, the input pipeline's cost, and a full CIFAR-10 training run.
+# under torch.compile, the input pipeline's cost, the JPEG decode on the CPU (per core) and on
+# the GPU (DALI, config.data.decoder='dali'), and a full CIFAR-10 training run.
 #
 # On a machine with pip (prepares what travels; the GPU machine has no network):
 #   scripts/gpu_benchmark.sh --download-wheels     # grain, ml-collections, ... into .whl/
@@ -9,6 +10,9 @@
 #   scripts/gpu_benchmark.sh --data .bench_data                    # all stages, ~10 minutes
 #   scripts/gpu_benchmark.sh --data .bench_data --stages train_step          # ~5 minutes
 #   scripts/gpu_benchmark.sh --data .bench_data --stages end_to_end,cifar    # ~5 minutes
+#   scripts/gpu_benchmark.sh --stages decode     # CPU decode per core, then DALI vs CPU path
+#     (the DALI row needs nvidia-dali-cuda120/130 installed there, too large to carry; without
+#     it the row is skipped and says so; never run yet: no GPU machine has had DALI)
 # To try it on a CPU (tiny sizes, a few minutes; the figures mean nothing):
 #   scripts/gpu_benchmark.sh --data ../shared/data --cpu-smoke
 #
@@ -22,7 +26,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 PYTHON="${PYTHON:-python3}"
 DATA=""
-STAGES="train_step,end_to_end,cifar"
+STAGES="train_step,end_to_end,decode,cifar"
 SMOKE=0
 OUT_DIR="${OUT:+$OUT/gpu_benchmark}"
 OUT_DIR="${OUT_DIR:-runs/gpu_benchmark}"
@@ -104,6 +108,7 @@ if [[ $SMOKE == 1 ]]; then
   E2E_CIFAR=(--limit 512 --set "model.name='resnet_tiny'" --set model.width=8)
   E2E_IMAGENET=(--imagenet_like 64 --classes 4 --photo_size 96x72 --resize 64
                 --set data.image_size=48 --set data.eval_resize=56)
+  DECODE_ARGS=(--rounds 1 --seconds 0.1 --seeds 2)
   CIFAR_ARGS=(--config.num_train_steps=20 --config.model.name=resnet_tiny --config.model.width=8
               --config.batch_size=128 --config.eval_every_epochs=0)
 else
@@ -111,6 +116,7 @@ else
   E2E_COMMON=(--gpu --rounds 3 --seconds 4 --work "$WORK")
   E2E_CIFAR=(--workers 4,-1)  # the config's 4 worker processes, and cores - 2
   E2E_IMAGENET=(--imagenet_like 10000)
+  DECODE_ARGS=(--rounds 3 --seconds 2)
   CIFAR_ARGS=()  # the config as a user runs it
 fi
 
@@ -128,6 +134,29 @@ if [[ ",$STAGES," == *",end_to_end,"* ]]; then
   if [[ -n "$CIFAR" ]]; then
     run "$PYTHON" benchmarks/end_to_end.py "${E2E_COMMON[@]}" --cifar "$CIFAR" ${E2E_CIFAR[@]+"${E2E_CIFAR[@]}"} \
       --json "$OUT_DIR/end_to_end_cifar.json"
+  fi
+fi
+
+if [[ ",$STAGES," == *",decode,"* ]]; then
+  echo -e "\n### decode: per core on the CPU (PIL loop, main, reduced); DALI vs the CPU path" \
+    | tee -a "$LOG"
+  rm -f "$OUT_DIR"/decode_*.json
+  if "$PYTHON" -c "import skimage, sklearn, simplejpeg" 2>/dev/null; then
+    run "$PYTHON" benchmarks/decode.py "${DECODE_ARGS[@]}" --json "$OUT_DIR/decode_cpu.json"
+  else
+    echo "scikit-image / scikit-learn / simplejpeg missing: benchmarks/decode.py skipped." \
+      | tee -a "$LOG"
+  fi
+  # The same ImageNet-like end-to-end run twice: grain workers decoding on the host (the
+  # default), then DALI decoding on the GPU (the same crop boxes, drawn on the host).
+  run "$PYTHON" benchmarks/end_to_end.py "${E2E_COMMON[@]}" "${E2E_IMAGENET[@]}" \
+    --sources array_record --json "$OUT_DIR/decode_e2e_cpu.json"
+  if "$PYTHON" -c "import nvidia.dali" 2>/dev/null; then
+    run "$PYTHON" benchmarks/end_to_end.py "${E2E_COMMON[@]}" "${E2E_IMAGENET[@]}" \
+      --sources array_record --set "data.decoder='dali'" --json "$OUT_DIR/decode_e2e_dali.json"
+  else
+    echo "NVIDIA DALI is not installed (pip install 'jaxcls[dali]'): the DALI row is skipped." \
+      | tee -a "$LOG"
   fi
 fi
 
@@ -159,7 +188,8 @@ if ts:
     print(f"| {r['row']} | {r['dtype']} | {cell('jaxcls', ',.0f')} | {cell('minimal', ',.0f')} | "
           f"{cell('jaxcls/minimal', '.3f')} | {cell('torch', ',.0f')} | "
           f"{cell('jaxcls/torch', '.3f')} |")
-for name in ("end_to_end_imagenet.json", "end_to_end_cifar.json"):
+for name in ("end_to_end_imagenet.json", "end_to_end_cifar.json", "decode_e2e_cpu.json",
+             "decode_e2e_dali.json"):
   e2e = load(name)
   if e2e:
     print(f"\nEnd to end, input pipeline vs device batch ({name}):\n")
@@ -167,6 +197,14 @@ for name in ("end_to_end_imagenet.json", "end_to_end_cifar.json"):
     for r in e2e["rows"]:
       print(f"| {r['row']} | {r['input']} | {r.get('workers', '-')} | "
             f"{r['images_per_sec']:,.0f} | {r['ratio']:.3f} |")
+dec = load("decode_cpu.json")
+if dec:
+  print(f"\nDecode + crop per core, images per CPU-second ({dec['machine']}):\n")
+  print("| size | path | ratios |\n|---|---|---|")
+  for r in dec["rows"]:
+    if r["path"] != "fidelity":
+      print(f"| {r['size']} | {r['path']} | " + ", ".join(
+          f"{k} {v:.2f}" for k, v in r.items() if "/" in k) + " |")
 results = os.path.join(workdir, "results.json")
 if ",cifar," in f",{os.environ['STAGES']}," and os.path.exists(results):
   res = json.load(open(results))

@@ -248,6 +248,31 @@ def write_damaged(root: pathlib.Path) -> pathlib.Path:
   return root
 
 
+def flat_gray_jpeg(width: int, height: int) -> bytes:
+  """A valid baseline JPEG of width x height mid-grey (128) pixels, written without holding
+  the pixels: every 8x8 block is a DC difference of 0 ('00') and an end of block ('1010'),
+  so 20000 x 20000 takes 4.7 MB, as the decompression bomb of issue #18 did."""
+  def segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+  # The standard luminance tables (ITU T.81 K.3): 12 DC categories and the 162 AC symbols.
+  dc = bytes([0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]) + bytes(range(12))
+  ac_counts = bytes([0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 0x7D])
+  ac_symbols = bytes([1, 2, 3, 0, 4, 0x11, 5, 0x12, 0x21, 0x31, 0x41, 6, 0x13, 0x51, 0x61, 7])
+  ac_symbols += bytes(162 - len(ac_symbols))  # only the first 16 matter: EOB is '1010'
+  blocks = -(-width // 8) * -(-height // 8)
+  # 4 blocks = 24 bits = b"\x28\xa2\x8a"; the last, partial group padded with 1 bits.
+  bits = "001010" * (blocks % 4)
+  bits += "1" * (-len(bits) % 8)
+  tail = int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+  return (b"\xff\xd8"
+          + segment(0xDB, b"\x00" + bytes([1] * 64))
+          + segment(0xC0, b"\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big")
+                    + b"\x01\x01\x11\x00")
+          + segment(0xC4, b"\x00" + dc) + segment(0xC4, b"\x10" + ac_counts + ac_symbols)
+          + segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")
+          + b"\x28\xa2\x8a" * (blocks // 4) + tail + b"\xff\xd9")
+
+
 # The session's reference run (tests/conftest.py `reference`, runner.REFERENCE_RUN).
 
 

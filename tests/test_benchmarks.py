@@ -62,3 +62,18 @@ def test_end_to_end_benchmark_prints_the_pipeline_ratios(tmp_path):
   assert "| image_folder |" in result.stdout
   assert len(list((tmp_path / "work" / "cifar10_folder_256").rglob("*.jpg"))) == 256
 
+
+
+def test_decode_benchmark_prints_the_ratios_and_the_fidelity(tmp_path):
+  out = tmp_path / "decode.json"
+  result = run_benchmark("decode.py", tmp_path, "--rounds", "1", "--seconds", "0.01",
+                         "--seeds", "2", "--json", str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  train = {r["size"]: r for r in rows if r["path"] == "train"}
+  assert set(train) == {"500x375", "1024x768"}
+  assert all(r["reduced/main"] > 0 and r["reduced/pil"] > 0 for r in train.values())
+  fidelity = {r["size"]: r for r in rows if r["path"] == "fidelity"}
+  assert fidelity["500x375"]["train changed"]["crops"] == 0  # no reduction at 500x375
+  assert 0 < fidelity["1024x768"]["train changed"]["mean_abs"] < 1.5
+  assert "1024x768 fidelity" in result.stdout and "reduced/main" in result.stdout

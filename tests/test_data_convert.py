@@ -10,7 +10,8 @@ import pytest
 from jaxcls.data import convert
 from jaxcls.data import images
 from jaxcls.data import sources
-from helpers import array_record_config, folder_config, small_data_config, write_image
+from helpers import (array_record_config, flat_gray_jpeg, folder_config, small_data_config,
+                     write_image)
 from runner import run_tool
 
 
@@ -80,3 +81,23 @@ def test_convert_bad_images(damaged, tmp_path):
                          max_corrupt_fraction=0.5, progress=False)
   assert meta["num_examples"] == 12 and len(meta["skipped"]) == 3
   assert meta["skipped"][0].startswith("cat/text.png: not an image")
+
+
+def test_convert_defaults_suit_imagenet_and_refuse_bombs(tmp_path):
+  """By default a photo's shorter side is shrunk to 320 (JPEG quality 90, written in the
+  split's metadata), and an image over the pixel limit is named from its header, or skipped."""
+  src = tmp_path / "src"
+  write_image(src / "a" / "photo.png", 0, size=(500, 375))
+  write_image(src / "b" / "small.png", 1, size=(64, 48))
+  meta = convert.convert(str(src), str(tmp_path / "ar"), "train", workers=0, progress=False)
+  assert (meta["resize"], meta["quality"]) == (320, 90)
+  source = sources.create_source(array_record_config(tmp_path / "ar", num_classes=2), "train")
+  assert [images.decode_image(source[i]["image"]).shape for i in range(2)] == [
+      (320, 427, 3), (48, 64, 3)]
+  (src / "b" / "big.jpg").write_bytes(flat_gray_jpeg(20_000, 20_000))
+  with pytest.raises(images.CorruptImageError,
+                     match=r"^b/big\.jpg: 20000 x 20000 = 400,000,000 pixels.*--skip_corrupt"):
+    convert.convert(str(src), str(tmp_path / "ar2"), "train", workers=0, progress=False)
+  meta = convert.convert(str(src), str(tmp_path / "ar2"), "train", workers=0, progress=False,
+                         skip_corrupt=True, max_corrupt_fraction=0.5)
+  assert meta["num_examples"] == 2 and meta["skipped"][0].startswith("b/big.jpg: 20000 x 20000")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from jaxcls.data import corrupt
+from jaxcls.data import images
 from jaxcls.data import pipeline
 from jaxcls.data import sources
-from helpers import BAD_FILES, folder_config, index_of
+from helpers import BAD_FILES, flat_gray_jpeg, folder_config, index_of
 
 
 def test_skip_corrupt_drops_counts_and_lists(damaged, tmp_path):
@@ -42,3 +43,26 @@ def test_skip_corrupt_above_the_fraction_is_an_error(damaged):
   with pytest.raises(ValueError, match=r"3 of the 15 examples .* \(20\.00%\) cannot be decoded, "
                                        r"more than config\.data\.max_corrupt_fraction=0\.01"):
     sources.create_source(config, "train")
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_or_stops_the_run_named(folder):
+  """Issue #18's 20000 x 20000 JPEG: skip_corrupt lists it with its size; without it the
+  pipeline stops at it, naming it. Either way from its header, never decoded."""
+  big = folder / "cat" / "big.jpg"
+  big.write_bytes(flat_gray_jpeg(20_000, 20_000))
+  config = folder_config(folder, skip_corrupt=True, max_corrupt_fraction=0.5)
+  source = sources.create_source(config, "train")
+  assert list(source.skipped.values()) == [
+      f"{big}: 20000 x 20000 = 400,000,000 pixels, more than the limit of 89,478,485 "
+      "(config.data.max_image_pixels); not decoded"]
+  # The limit is config: at 80 pixels, the layout's 8x8, 9x8 and 10x8 images stay.
+  lower = sources.create_source(folder_config(folder, skip_corrupt=True, max_corrupt_fraction=1,
+                                              max_image_pixels=80), "train")
+  assert len(lower) == 3 and lower.num_scanned == 9
+  assert all(r.endswith("more than the limit of 80 (config.data.max_image_pixels); not decoded")
+             for r in lower.skipped.values())
+  config = folder_config(folder)
+  source = sources.create_source(config, "train")
+  with pytest.raises(images.ImageTooLargeError, match=rf"{big}: 20000 x 20000 .* set "
+                     r"config\.data\.skip_corrupt=True"):
+    list(pipeline.create_eval_dataset(config, source, 4, process_index=0, process_count=1))

@@ -1,15 +1,21 @@
 """Tests of jaxcls.data.images: every input becomes RGB uint8, bad files raise a named error."""
 
 import io
+import re
+import subprocess
+import sys
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 import pytest
+import simplejpeg
 
 from jaxcls.data import images
 from jaxcls.data import sources
-from helpers import data_config, encode
+from jaxcls.data import transforms
+from helpers import data_config, encode, flat_gray_jpeg
+from runner import REPO
 
 
 def decode(data: bytes, name="x.png") -> np.ndarray:
@@ -114,3 +120,77 @@ def test_image_extensions_any_case():
     assert images.is_image_file(name)
   for name in ("a.txt", "b.jpg.txt", "c.tiff", "jpg"):
     assert not images.is_image_file(name)
+
+
+# Decompression bombs (issue #18): refused from the header, never decoded.
+
+
+@pytest.fixture
+def bombs(tmp_path):
+  """The two files of issue #18, written here: a 1 x 1,000,000 PNG (1 KB) and a 20000 x
+  20000 JPEG of flat grey (4.7 MB)."""
+  wide, big = tmp_path / "wide.png", tmp_path / "big.jpg"
+  Image.new("L", (1_000_000, 1), 77).save(wide)
+  big.write_bytes(flat_gray_jpeg(20_000, 20_000))
+  return wide, big
+
+
+def _no_decoding(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("decoded")
+  monkeypatch.setattr(cv2, "imdecode", refuse)
+  monkeypatch.setattr(simplejpeg, "decode_jpeg", refuse)
+  monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+def test_pixel_limit_is_checked_from_the_header_on_every_decoder_path(bombs, monkeypatch):
+  wide, big = bombs
+  _no_decoding(monkeypatch)
+  cases = [(big, images.MAX_PIXELS, r"20000 x 20000 = 400,000,000 pixels, more than the "
+            r"limit of 89,478,485 \(config\.data\.max_image_pixels\); not decoded"),
+           (wide, 500_000, r"1000000 x 1 = 1,000,000 pixels, more than the limit of 500,000")]
+  for path, limit, message in cases:
+    data = np.frombuffer(path.read_bytes(), np.uint8)
+    name = re.escape(str(path))
+    for call in (lambda: images.decode_image(data, str(path), limit),
+                 lambda: images.image_size(data, str(path), limit),
+                 lambda: transforms.decode_random_resized_crop_flip(
+                     data, 224, np.random.default_rng(0), str(path), limit),
+                 lambda: transforms.decode_resize_center_crop(data, 224, 256, str(path), limit)):
+      with pytest.raises(images.ImageTooLargeError, match=rf"^{name}: {message}"):
+        call()
+  # The flat JPEG is a real one: at a size under the limit it decodes to its grey.
+  monkeypatch.undo()
+  assert (decode(flat_gray_jpeg(24, 16), "a.jpg") == 128).all()
+
+
+def test_extreme_shapes_within_the_limit_never_make_a_huge_image(bombs):
+  """The 1 x 1,000,000 PNG is under PIL's limit: each crop (the default 32 px pad-crop-flip,
+  ImageNet's random-resized crop and eval crop) takes its box first, so the peak memory of the
+  whole chain stays near the process's own (it was 10 GB and 130 s before the fix)."""
+  wide, _ = bombs
+  script = f"""
+import re, numpy as np
+from jaxcls.config import base_config
+from jaxcls.data import transforms
+data = np.frombuffer(open({str(wide)!r}, "rb").read(), np.uint8)
+shapes = []
+for augment, size in (("pad_crop_flip", 32), ("random_resized_crop_flip", 224), ("none", 224)):
+  config = base_config().data
+  config.train_augment, config.image_size, config.eval_resize = augment, size, 256
+  element = {{"image": data, "label": 0}}
+  for t in transforms.train_transforms(config):
+    element = (t.random_map(element, np.random.default_rng(0))
+               if hasattr(t, "random_map") else t.map(element))
+  shapes.append(element["image"].shape)
+# VmHWM, the peak of this process's own memory (ru_maxrss would count the parent's, from
+# before exec).
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+print(shapes, peak_kb // 1024)
+"""
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  shapes, peak_mb = result.stdout.rsplit(" ", 1)
+  assert shapes == "[(32, 32, 3), (224, 224, 3), (224, 224, 3)]"
+  assert int(peak_mb) < 1000  # the import of jax and numpy takes ~300 MB; 32 x 32M is 3 GB

@@ -233,12 +233,18 @@ def test_worker_processes_give_the_same_batches():
     it.close()
 
 
-def test_num_workers_from_the_cores(monkeypatch):
+def test_num_workers_from_the_cores_with_no_cap_and_logged(monkeypatch):
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from jaxcls.data import cores  # pylint: disable=g-import-not-at-top
-  for count, expected in [(2, 0), (4, 0), (16, 14), (96, 32)]:
+  logged = []
+  monkeypatch.setattr(logging, "info", lambda message, *args: logged.append(message % args))
+  for count, expected in [(2, 0), (4, 0), (16, 14), (96, 94), (192, 190)]:
     monkeypatch.setattr(cores, "available_cores", lambda count=count: count)
     assert pipeline.num_workers(data_config(num_workers=-1)) == expected
+  assert logged[-1] == ("config.data.num_workers=-1: 190 worker processes for the 192 cores "
+                        "of this process.")
   assert pipeline.num_workers(data_config(num_workers=3)) == 3
+  assert len(logged) == 5  # an explicit count is not logged
 
 
 # Two real JAX processes on loopback read the same examples per epoch as one process, and

@@ -19,23 +19,26 @@ from jaxcls.data import images
 _BLOCK = 256  # examples per thread task: few tasks, so little bookkeeping under the GIL
 
 
-def check_example(source, index: int) -> str | None:
-  """None if example `index` reads and decodes, else the reason (naming the file)."""
+def check_example(source, index: int, max_pixels: int = images.MAX_PIXELS) -> str | None:
+  """None if example `index` reads and decodes, else the reason (naming the file); an image
+  of more than `max_pixels` pixels is refused from its header, not decoded."""
   try:
     element = source[index]
-    images.decode_image(element["image"], element.get("id"))
+    images.decode_image(element["image"], element.get("id"), max_pixels)
   except (images.CorruptImageError, OSError) as e:
     return str(e)
   return None
 
 
-def find_corrupt(source, indices, threads: int | None = None) -> dict[int, str]:
+def find_corrupt(source, indices, threads: int | None = None,
+                 max_pixels: int = images.MAX_PIXELS) -> dict[int, str]:
   """-> {index: reason} for the examples among `indices` that do not decode."""
   indices = np.asarray(indices)
   blocks = [indices[i:i + _BLOCK] for i in range(0, len(indices), _BLOCK)]
 
   def check_block(block):
-    return {int(i): r for i in block if (r := check_example(source, int(i))) is not None}
+    return {int(i): r for i in block
+            if (r := check_example(source, int(i), max_pixels)) is not None}
 
   found = {}
   with concurrent.futures.ThreadPoolExecutor(threads or cores.available_cores()) as pool:
@@ -75,20 +78,23 @@ def _gather_any(local: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(local.astype(np.uint8))).any(axis=0)
 
 
-def drop_corrupt(source, max_fraction: float, *, process_index: int | None = None,
+def drop_corrupt(source, max_fraction: float, *, max_pixels: int = images.MAX_PIXELS,
+                 process_index: int | None = None,
                  process_count: int | None = None) -> FilteredSource:
-  """Checks every example once; returns the source without the ones that do not decode."""
+  """Checks every example once; returns the source without the ones that do not decode or
+  have more than `max_pixels` pixels."""
   if process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
   n = len(source)
-  skipped = find_corrupt(source, np.arange(process_index, n, process_count))
+  skipped = find_corrupt(source, np.arange(process_index, n, process_count),
+                         max_pixels=max_pixels)
   if process_count > 1:
     bad = np.zeros(n, bool)
     bad[list(skipped)] = True
     # The others' finds come as indices only; re-checking them here gives their reasons.
     others = np.flatnonzero(_gather_any(bad) & ~bad)
-    skipped.update(find_corrupt(source, others))
+    skipped.update(find_corrupt(source, others, max_pixels=max_pixels))
   skipped = dict(sorted(skipped.items()))
   if len(skipped) > max_fraction * n:
     examples = "\n  ".join(list(skipped.values())[:5])

@@ -21,11 +21,13 @@ import threading
 import time
 
 from absl import flags
+from absl import logging
 import grain
 import jax
 import numpy as np
 
 from jaxcls.data import cores
+from jaxcls.data import dali
 from jaxcls.data import sources
 from jaxcls.data import transforms
 from jaxcls.errors import ConfigError
@@ -80,15 +82,19 @@ def _process_layout(global_batch_size: int, process_index: int | None,
 
 
 def num_workers(data_config) -> int:
-  """config.data.num_workers, with -1 resolved from this machine's cores.
+  """config.data.num_workers, with -1 resolved from this process's cores (cores.py): 0 with
+  4 or fewer, else all but 2 (for the main process's loop and transfers), with no upper cap.
 
   A small machine gains little from worker processes: the model needs its cores, and threads
-  already decode in parallel (PIL and OpenCV release the GIL).
+  already decode in parallel (PIL, OpenCV and simplejpeg release the GIL).
   """
   if data_config.num_workers >= 0:
     return data_config.num_workers
   count = cores.available_cores()
-  return 0 if count <= 4 else min(count - 2, 32)
+  workers = 0 if count <= 4 else count - 2
+  logging.info("config.data.num_workers=-1: %d worker processes for the %d cores of this "
+               "process.", workers, count)
+  return workers
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -144,7 +150,8 @@ def create_train_dataset(data_config, source: sources.Source, global_batch_size:
   # would otherwise replay each other's permutations one epoch apart.
   shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
   ds = grain.MapDataset.source(source).shuffle(seed=int(shuffle_seed))
-  for t in transforms.train_transforms(data_config):
+  on_gpu = dali.selected(data_config)  # the host only draws the crops; DALI decodes them
+  for t in (dali if on_gpu else transforms).train_transforms(data_config):
     if isinstance(t, grain.transforms.RandomMap):
       # Seeded by the element's position in the (epoch-indexed) permutation.
       ds = ds.random_map(t, seed=int(augment_seed))
@@ -152,7 +159,8 @@ def create_train_dataset(data_config, source: sources.Source, global_batch_size:
       ds = ds.map(t)
   # grain keeps the epoch in the index through slice and repeat, so each epoch reshuffles.
   ds = ds[:used][process_index::process_count].repeat()
-  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.batch(local_batch, drop_remainder=True,
+                batch_fn=dali.PlannedBatch if on_gpu else None)
   return _to_iter_dataset(ds, data_config)
 
 
@@ -187,14 +195,18 @@ def create_eval_dataset(data_config, source: sources.Source, global_batch_size: 
   real = grain.MapDataset.source(source).map(_MarkReal())
   padding = grain.MapDataset.range(total - len(source)).map(_Padding(data_config.image_size))
   ds = grain.MapDataset.concatenate([real, padding])[process_index::process_count]
-  for t in transforms.eval_transforms(data_config):
-    ds = ds.map(t)
-  ds = ds.batch(local_batch, drop_remainder=True)
+  on_gpu = dali.selected(data_config)
+  for t in (dali if on_gpu else transforms).eval_transforms(data_config):
+    ds = ds.random_map(t, seed=0) if on_gpu else ds.map(t)  # the plan is a RandomMap
+  ds = ds.batch(local_batch, drop_remainder=True,
+                batch_fn=dali.PlannedBatch if on_gpu else None)
   return _to_iter_dataset(ds, data_config)
 
 
 def make_global_batch(local_batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
   """This process's numpy batch -> global jax.Arrays, batch dimension sharded as `sharding` says."""
+  if isinstance(local_batch, list):  # a dali.PlannedBatch (worker processes may send a list)
+    return dali.global_batch(local_batch, sharding)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxcls.data import corrupt
 from jaxcls.data import image_folder
+from jaxcls.data import images
 from jaxcls.data import records
 from jaxcls.data import tfds_source
 from jaxcls.errors import check_choice, check_in_range
@@ -202,5 +203,7 @@ def create_source(data_config, split: str) -> Source:
         f"config.data.num_classes={data_config.num_classes}, but {source.name} has "
         f"{source.num_classes} classes. Set --config.data.num_classes={source.num_classes}.")
   if data_config.skip_corrupt:
-    source = corrupt.drop_corrupt(source, data_config.max_corrupt_fraction)
+    source = corrupt.drop_corrupt(source, data_config.max_corrupt_fraction,
+                                  max_pixels=data_config.get("max_image_pixels",
+                                                             images.MAX_PIXELS))
   return source
