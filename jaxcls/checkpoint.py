@@ -19,6 +19,9 @@ truncated, a step directory without orbax's items. Only such a step is set aside
 moves nothing. Every process reaches the same verdict.
 """
 
+import contextlib
+import errno
+import logging
 import os
 import shutil
 import time
@@ -27,6 +30,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
@@ -107,6 +111,8 @@ class Checkpointer:
         options=options)
     self.last_save_blocked_seconds = 0.0
     self._unrecorded = set()  # steps saved here whose checksums are not written yet
+    self._saving_step, self._save_bytes = None, 0
+    _quiet_disk_full_noise()
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -122,18 +128,60 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return 0.0  # already saved at this step (e.g. the last step was also an interval step)
     start = time.perf_counter()
-    self.manager.wait_until_finished()  # orbax waits for the previous save here anyway
+    with self._disk_full_is_one_line():
+      self.manager.wait_until_finished()  # orbax waits for the previous save here anyway
     self.record_checksums()
     self._unrecorded.add(step)
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(self.metadata)),
-        metrics=metrics)
+    self._saving_step = step
+    self._save_bytes = self._next_save_bytes(state)
+    # Refused before it starts: a save that runs out of space midway leaves orbax's write
+    # threads failing one after another (each printing a traceback).
+    free = shutil.disk_usage(self.directory).free
+    if _agree_on_int(int(free < self._save_bytes)):
+      raise self._disk_full_error()
+    with self._disk_full_is_one_line():
+      self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=grain.checkpoint.CheckpointSave(data_iterator),
+              meta=ocp.args.JsonSave(self.metadata)),
+          metrics=metrics)
     self.last_save_blocked_seconds = time.perf_counter() - start
     return self.last_save_blocked_seconds
+
+  def _next_save_bytes(self, state) -> int:
+    """What the next save takes: as much as the newest step on disk (small arrays cost whole
+    blocks), and at least the state's bytes plus the metadata."""
+    estimate = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) + _SAVE_OVERHEAD_BYTES
+    steps = self.manager.all_steps()
+    if steps and jax.process_index() == 0:
+      estimate = max(estimate, integrity.disk_bytes(self.step_dir(max(steps))))
+    return estimate
+
+  @contextlib.contextmanager
+  def _disk_full_is_one_line(self):
+    """A full disk (or quota) during a save: one CheckpointError saying where, how much the
+    next save needs and what was kept, instead of orbax's tracebacks from several threads."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:
+      if not _is_disk_full(e):
+        raise
+      raise self._disk_full_error() from None
+
+  def _disk_full_error(self) -> CheckpointError:
+    kept = [s for s in self.manager.all_steps() if s != self._saving_step]
+    kept_text = (f"the last complete checkpoint, step {max(kept)}, is kept in "
+                 f"{self.step_dir(max(kept))}" if kept else "no checkpoint was complete yet")
+    free = shutil.disk_usage(self.directory).free
+    return CheckpointError(
+        f"Disk full while saving step {self._saving_step} to {self.directory} ({_size(free)} "
+        f"free): a save needs about {_size(self._save_bytes)}. Nothing "
+        f"was lost: {kept_text}. Free space (or lower config.checkpoint.keep) and run the same "
+        "command to resume.")
 
   def read_metadata(self, step: int) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -185,12 +233,19 @@ class Checkpointer:
     self._unrecorded.clear()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._disk_full_is_one_line():
+      self.manager.wait_until_finished()
     self.record_checksums()
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:  # even after a failed save, or orbax's threads outlive their event loop
+      try:
+        self.manager.close()
+      except Exception as e:  # the same failed save, already raised by wait() or save()
+        if not _is_disk_full(e):
+          raise
 
   def find_damage(self, step: int) -> tuple[str | None, bool]:
     """-> (what is damaged or None, whether the step's files were verified by checksums).
@@ -206,6 +261,38 @@ class Checkpointer:
       else:
         problem = _missing_items(self.step_dir(step))
     return _agree_on_text(problem), bool(_agree_on_int(int(verified)))
+
+
+# What a step holds besides the arrays: orbax's metadata, the data position, the meta item.
+_SAVE_OVERHEAD_BYTES = 64 * 1024
+
+
+def _size(num_bytes: int) -> str:
+  return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:.0f} KB"
+
+
+def _is_disk_full(error: Exception) -> bool:
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return True
+  text = str(error)
+  return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+class _DiskFullNoise(logging.Filter):
+  """Drops the error logs of a full disk (orbax's save threads and asyncio's unretrieved
+  write tasks each log a traceback): the Checkpointer reports it once, as a CheckpointError."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    return "No space left on device" not in text and "Disk quota exceeded" not in text
+
+
+def _quiet_disk_full_noise() -> None:
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _DiskFullNoise) for f in handler.filters):
+    handler.addFilter(_DiskFullNoise())
 
 
 # Markers of a read that failed because the stored bytes are wrong, not because storage was

@@ -51,6 +51,18 @@ def write_checksums(step_dir: str) -> dict:
   return record
 
 
+def disk_bytes(step_dir: str) -> int:
+  """The space a step's files take on disk (allocated blocks, as du counts them)."""
+  total = 0
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      try:
+        total += os.stat(os.path.join(root, name)).st_blocks * 512
+      except FileNotFoundError:
+        pass  # deleted meanwhile by the keep policy
+  return total
+
+
 def has_checksums(step_dir: str) -> bool:
   return os.path.exists(workdir_lib.step_checksums_path(step_dir))
 

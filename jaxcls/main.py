@@ -51,6 +51,11 @@ def parse_flags(argv):
     sys.exit(f"error: bad config override: {message}")
 
 
+def _quiet_closed_event_loop(kind, value, traceback):
+  if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+    sys.__excepthook__(kind, value, traceback)
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
@@ -69,6 +74,9 @@ def main(argv):
     sys.exit(f"config error: {e}")
   except ValueError as e:  # inconsistent process settings
     sys.exit(f"error: {e}")
+  # After a failed save (a full disk), tensorstore's remaining writes complete on orbax's
+  # closed event loop and print tracebacks; the CheckpointError says what happened.
+  sys.excepthook = _quiet_closed_event_loop
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:

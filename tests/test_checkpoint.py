@@ -4,6 +4,7 @@ damaged latest step, restore onto another mesh."""
 import random
 import shutil
 import signal
+import subprocess
 import time
 
 import jax
@@ -187,3 +188,35 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
     for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
       assert leaf.sharding == sharding
       assert len(leaf.sharding.device_set) == len(devices)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 700 KB tmpfs: the first checkpoint of the reference run fits, the second does not."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+  yield disk
+  subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_disk_full_during_a_save_is_one_line_and_the_resume_is_exact(small_disk, tmp_path,
+                                                                     reference):
+  """Before, 710 lines of orbax tracebacks from its save threads."""
+  workdir = small_disk / "run"
+  full = run_main(workdir, *RUN)
+  assert full.returncode != 0
+  assert full.stderr.strip().splitlines() == [full.stderr.strip()], full.stderr[-3000:]
+  message = full.stderr.strip()
+  assert message.startswith("checkpoint error: Disk full while saving step 8 to "
+                            f"{workdir / 'checkpoints'} (")
+  assert ("Nothing was lost: the last complete checkpoint, step 4, is kept in "
+          f"{workdir / 'checkpoints' / '4'}. Free space") in message
+  moved = shutil.copytree(workdir, tmp_path / "more_space")  # as a user freeing space would
+  resumed = run_main(moved, *RUN)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from {moved / 'checkpoints' / '4'} (step 4)" in resumed.stdout
+  assert_same_as_reference(moved, reference)

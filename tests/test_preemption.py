@@ -59,10 +59,12 @@ def test_sigterm_during_the_final_evaluation_saves_exits_0_and_resumes_to_the_en
     tmp_path, reference):
   """Before, the guard was gone by the final evaluation: exit -15, no message, and the last
   checkpoint left as a temporary directory."""
-  slow_eval = (*RUN, "--config.eval_batch_size=8")  # 250 eval batches: time to be signalled
+  # 32 eval batches: time to be signalled (8, one example a device, trips an XLA:CPU
+  # rendezvous timeout on 2 cores with or without a signal)
+  slow_eval = (*RUN, "--config.eval_batch_size=64")
   proc = start_main(tmp_path, *slow_eval)
   wait_for_line(proc, f"step {STEPS}/{STEPS}")
-  time.sleep(1.0)
+  time.sleep(0.5)  # past the loop's last signal check: in the final save's wait or the eval
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
