@@ -8,6 +8,7 @@ import collections
 import functools
 import io
 import pathlib
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -114,6 +115,7 @@ def train_on_mesh(config, devices, batches):
 
 class NoBatchNormNet(nn.Module):
   """Conv-ReLU-pool-Dense, plus a call counter in the batch_stats collection."""
+  bn_axis_name: Any = None  # the models' field (gradient accumulation sets it); no BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):

@@ -194,6 +194,50 @@ def test_stage_two_step_reduce_scatters_the_gradients():
   assert not shard_shapes & reduce_scattered_shapes(stage_run(0).hlo)
 
 
+COLLECTIVE = re.compile(r"^(all-reduce|reduce-scatter)(-start)?$")
+
+
+def loop_and_step_reductions(hlo: str) -> tuple[set, set]:
+  """Result shapes of the cross-device sums (all-reduce, reduce-scatter) inside while bodies,
+  and of those elsewhere in the step."""
+  instructions = _hlo_instructions(hlo)
+  bodies = _computation_bodies(hlo)
+  loop_names = set()
+  for body in re.findall(r"body=%([\w.\-]+)", hlo):
+    loop_names.update(_hlo_instructions(bodies[body]))
+  inside, outside = set(), set()
+  for name, (shapes, opcode, _, _) in instructions.items():
+    if COLLECTIVE.match(opcode):
+      (inside if name in loop_names else outside).update(shapes)
+  return inside, outside
+
+
+@pytest.mark.parametrize("stage,mesh", [(0, {"data": 8}), (2, {"data": 2, "fsdp": 4})])
+def test_accumulation_reduces_the_gradients_once_per_step(stage, mesh):
+  """4 micro-batches: no gradient is summed across devices inside the scan's while loop,
+  only once after it. BatchNorm's statistics ((2, channels): mean and mean of squares) are
+  the only sums inside."""
+  config = zero_config(stage, accum=4, **mesh)
+  config.batch_size = 32
+  run = train_run(config, jax.devices())
+  assert re.search(r" while\(", run.hlo)
+  params = jax.tree.leaves(run.state.params)
+  gradient_shapes = {tuple(p.shape) for p in params} | {
+      tuple(g.addressable_shards[0].data.shape) for g in jax.tree.leaves(run.grads)}
+  inside, outside = loop_and_step_reductions(run.hlo)
+  assert inside, "BatchNorm needs its statistics summed inside the loop"
+  assert not inside & gradient_shapes, sorted(inside & gradient_shapes)
+  channels = {p.shape[0] for p in params if p.ndim == 1}
+  assert inside <= {(2, c) for c in channels}, sorted(inside)
+  kernels = {tuple(g.addressable_shards[0].data.shape) for g in jax.tree.leaves(run.grads)
+             if g.ndim == 4}
+  assert kernels <= outside  # summed once, after the loop, in the stage's layout
+  split = {tuple(g.addressable_shards[0].data.shape) for g in jax.tree.leaves(run.grads)
+           if g.addressable_shards[0].data.shape != g.shape}
+  assert len(split) >= 3 if stage == 2 else not split
+  assert split <= reduce_scattered_shapes(run.hlo)
+
+
 def test_rules_override_the_split_and_the_optimizer_state_follows():
   config = zero_config(stage=3, data=2, fsdp=4)
   config.mesh.rules = ((r"stage1_block1/conv1/kernel", ()),
