@@ -134,9 +134,13 @@ def compile_train_step(train_step, abstract_state, state_shardings, mesh, config
 
 
 def compile_eval_step(eval_step, abstract_state, state_shardings, mesh, spec):
-  """jit once: the batch sharded like training, outputs replicated (gathered for scoring)."""
+  """jit once: the batch sharded like training; the per-example outputs stay sharded like
+  the batch (jaxcls.evaluation copies each batch's to the host), the loss sum replicated."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  out_shardings = {"loss": sharding.replicated(mesh), "scores": batch_sharding,
+                   "label": batch_sharding, "mask": batch_sharding}
   jitted = jax.jit(eval_step, in_shardings=(state_shardings, _shardings_of(spec)),
-                   out_shardings=sharding.replicated(mesh))
+                   out_shardings=out_shardings)
   return jitted.lower(abstract_state, spec).compile()
 
 

@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.batch_size = 256  # global, over all processes and devices
   # Micro-batches per step, run one after another inside the step: the update sees the
   # whole batch_size, the activations take the memory of batch_size / grad_accum_steps.
-  # BatchNorm normalizes each micro-batch by its own statistics (docs/guide.md "Concepts").
+  # Gradients cross devices once per step, after the last micro-batch; BatchNorm normalizes
+  # each micro-batch by its own statistics (docs/guide.md "Concepts").
   config.grad_accum_steps = 1
   config.eval_batch_size = 512  # global; the last batch is padded and masked
   config.num_epochs = 10.0

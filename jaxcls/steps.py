@@ -221,10 +221,12 @@ def make_train_step(data_config, optim_config, schedule, grad_accum_steps: int =
 
 
 def make_eval_step(data_config):
-  """Builds eval_step(state, batch) -> the batch's loss sum and every example's probabilities.
+  """Builds eval_step(state, batch) -> the batch's loss sum and every example's scores.
 
   Exact metrics (top-k, per-class, ROC-AUC) need each example's scores, so the step returns
-  them with the labels and the padding mask; jaxcls.evaluation gathers and scores them.
+  them with the labels and the padding mask; jaxcls.evaluation gathers and scores them. The
+  scores are log-probabilities: a float32 softmax rounds confident predictions to the same
+  1.0 (or 0.0), and such ties change ROC-AUC; log_softmax keeps them apart.
   """
   num_classes = data_config.num_classes
   mean, std = tuple(data_config.mean), tuple(data_config.std)
@@ -237,7 +239,7 @@ def make_eval_step(data_config):
     mask = batch["mask"].astype(jnp.float32)
     return {
         "loss": jnp.sum(cross_entropy(logits, labels, num_classes) * mask),
-        "probs": jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+        "scores": jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
         "label": labels,
         "mask": batch["mask"],
     }
