@@ -144,6 +144,15 @@ def compile_eval_step(eval_step, abstract_state, state_shardings, mesh, spec):
   return jitted.lower(abstract_state, spec).compile()
 
 
+def config_train_step(config, mesh, schedule, abstract_state, state_shardings):
+  """config's train step (micro-batches, gradient layout, mixing seed), compiled."""
+  return compile_train_step(
+      steps.make_train_step(
+          config.data, config.optim, schedule, config.grad_accum_steps,
+          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
+      abstract_state, state_shardings, mesh, config)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingParts:
   """Everything the training loop runs, compiled before the first batch is read."""
@@ -162,11 +171,7 @@ def training_parts(config, mesh, num_steps: int, steps_per_epoch: int) -> Traini
   schedule, tx = create_optimizer(config, num_steps, steps_per_epoch)
   abstract_state, state_shardings = abstract_train_state(model, tx, config, mesh)
   start = time.time()
-  train_step = compile_train_step(
-      steps.make_train_step(
-          config.data, config.optim, schedule, config.grad_accum_steps,
-          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
-      abstract_state, state_shardings, mesh, config)
+  train_step = config_train_step(config, mesh, schedule, abstract_state, state_shardings)
   eval_step = compile_eval_step(
       steps.make_eval_step(config.data), abstract_state, state_shardings, mesh,
       batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True))

@@ -35,6 +35,7 @@ def tiny_config(**mesh):
   config.mesh.data = mesh.get("data", -1)
   config.mesh.fsdp = mesh.get("fsdp", 1)
   config.mesh.fsdp_min_size = 256  # small enough that the tiny model's kernels get split
+  config.mesh.zero_stage = 3  # fsdp splits all it can (zero_config picks another stage)
   config.optim.warmup_epochs = 0.0
   config.optim.learning_rate = 0.05
   return config

@@ -271,3 +271,45 @@ def test_model_axis_splits_output_channels_at_every_stage():
     assert shardings.params["stem_bn"]["scale"].spec == sharding.P()
     batch = sharding.batch_sharding(mesh).spec
     assert "model" not in jax.tree.leaves(tuple(batch))
+
+
+class FakeDevice:
+  """What mesh_utils reads of a device (not a tuple: numpy would unpack it)."""
+  platform = device_kind = "cpu"
+
+  def __init__(self, device_id, process_index):
+    self.id, self.process_index = device_id, process_index
+
+
+def test_hybrid_mesh_keeps_fsdp_and_model_inside_each_host():
+  """4 hosts x 8 devices (stand-ins: mesh_utils needs only these attributes), data across
+  hosts: every fsdp x model group is one host's devices; the data axis crosses hosts."""
+  devices = [FakeDevice(8 * host + i, host) for host in range(4) for i in range(8)]
+  config = zero_config(data=-1, fsdp=4, model=2)
+  config.mesh.across_hosts = "data"
+  grid = sharding.device_grid(config.mesh, devices)
+  assert grid.shape == (4, 4, 2)
+  for data_index in range(4):
+    assert {d.process_index for d in grid[data_index].flat} == {data_index}
+  config.mesh.update(dict(data=2, fsdp=-1, across_hosts="fsdp"))  # fsdp over 16 = 4 hosts x 4
+  grid = sharding.device_grid(config.mesh, devices)
+  assert grid.shape == (2, 8, 2)
+  assert len({d.process_index for d in grid[:, 0].flat}) == 1  # one host: the data axis
+  assert {d.process_index for d in grid[0, :, 0].flat} == {0, 1, 2, 3}
+  config.mesh.update(dict(data=2, fsdp=8, model=2, across_hosts="data"))
+  with pytest.raises(config_lib.ConfigError, match=r"across_hosts='data'.*2 devices.*4 hosts"):
+    sharding.device_grid(config.mesh, devices)
+
+
+def test_one_process_mesh_is_the_plain_mesh_and_across_hosts_is_checked():
+  config = zero_config(data=2, fsdp=2, model=2)
+  assert sharding.device_grid(config.mesh, jax.devices()) is None  # one host: JAX's order
+  mesh = sharding.make_mesh(config.mesh)
+  plain = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, devices=jax.devices())
+  assert (mesh.devices == plain.devices).all()
+  config.mesh.across_hosts = "model"
+  with pytest.raises(config_lib.ConfigError, match=r"across_hosts='model'.*'data' or 'fsdp'"):
+    sharding.check_mesh_config(config.mesh, 8)
+  config.mesh.across_hosts = "fsdp"
+  with pytest.raises(config_lib.ConfigError, match=r"mesh.fsdp=2 does not split over the 4 "):
+    sharding.check_mesh_config(config.mesh, 8, process_count=4)
