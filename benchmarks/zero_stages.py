@@ -78,8 +78,8 @@ def main():
     median, low, high = harness.ratio(rates, c.name, first)
     m = c.memory
     print(f"| {c.name.split()[-1]} | {sorted(rates[c.name])[len(rates[c.name]) // 2]:,.0f} | "
-          f"{median:.2f} ({low:.2f}-{high:.2f}) | {m['arguments']:.1f} | {m['outputs']:.1f} | "
-          f"{m['temporaries']:.1f} | {m['peak']:.1f} |")
+          f"{median:.2f} ({low:.2f}-{high:.2f}) | {m['arguments']:.2f} | {m['outputs']:.2f} | "
+          f"{m['temporaries']:.2f} | {m['peak']:.2f} |")
   for c in contenders[1:]:
     print(f"ratio {c.name}/{first}: {harness.ratio(rates, c.name, first)[0]:.2f}")
 

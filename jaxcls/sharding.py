@@ -159,6 +159,12 @@ def check_mesh_config(mesh_config, num_devices: int, process_count: int = 1) -> 
     raise ConfigError(f"config.mesh.zero_stage={mesh_config.zero_stage!r}: use 0 (replicated), "
                       "1 (optimizer state split), 2 (gradients too) or 3 (parameters too).")
   check_rules(mesh_config.rules)
+  local_devices = num_devices // process_count
+  if local_devices % sizes["model"]:
+    raise ConfigError(
+        f"config.mesh.model={sizes['model']} does not divide the {local_devices} devices "
+        "of one process: a model group must stay within one host (its devices share the "
+        "same examples).")
   across_hosts = mesh_config.get("across_hosts", "data")
   if across_hosts not in BATCH_AXES:
     raise ConfigError(f"config.mesh.across_hosts={across_hosts!r}: use 'data' or 'fsdp' (the "
@@ -168,12 +174,6 @@ def check_mesh_config(mesh_config, num_devices: int, process_count: int = 1) -> 
         f"config.mesh.{across_hosts}={sizes[across_hosts]} does not split over the "
         f"{process_count} processes, but config.mesh.across_hosts={across_hosts!r} puts that "
         f"axis across hosts: use a multiple of {process_count}, or the other batch axis.")
-  local_devices = num_devices // process_count
-  if local_devices % sizes["model"]:
-    raise ConfigError(
-        f"config.mesh.model={sizes['model']} does not divide the {local_devices} devices "
-        "of one process: a model group must stay within one host (its devices share the "
-        "same examples).")
   return sizes
 
 
