@@ -84,8 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.across_hosts = "data"
   # ZeRO stage over fsdp: 0 all replicated, 1 optimizer state split, 2 gradients too
   # (reduce-scatter), 3 parameters too (FSDP). No effect while fsdp is 1. 0 is the fastest
-  # for a model that fits (least communication; resnet18 on fsdp=8 CPU devices: stages 1-2
-  # 0.88x, 3 1.00x of stage 0's images/s, benchmarks/README.md); raise it when memory is short.
+  # for a model that fits (least communication; resnet18 on fsdp=8 CPU devices: stages 1, 2
+  # and 3 at 0.97x, 0.96x, 0.91x of stage 0's images/s, benchmarks/README.md); raise it
+  # when the state does not fit (jaxcls.memory).
   config.mesh.zero_stage = 0
   config.mesh.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
   # Per-array overrides of the split, first match wins: (("regex on 'a/b/kernel'", spec), ...)
