@@ -10,8 +10,8 @@ statistics. Activations are not included: they depend on the batch, not on the s
 """
 
 import argparse
-import os
-import sys
+
+import fake_devices
 
 _ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 _ARGS.add_argument("--devices", type=int, default=8)
@@ -19,11 +19,7 @@ _ARGS.add_argument("--models", default="resnet50,resnet152")
 
 if __name__ == "__main__":
   _FLAGS = _ARGS.parse_args()
-  # Fake CPU devices: the layout depends on the device count, not on the device kind.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_FLAGS.devices}")
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+  fake_devices.use(_FLAGS.devices)
 
 import jax  # pylint: disable=g-import-not-at-top
 

@@ -153,10 +153,23 @@ def compile_train_step(train_step, abstract_state, state_shardings, mesh, config
 
 
 def compile_eval_step(eval_step, abstract_state, state_shardings, mesh, spec):
-  """jit once: the batch sharded like training, outputs replicated (gathered for scoring)."""
+  """jit once: the batch sharded like training; the per-example outputs stay sharded like
+  the batch (jaxcls.evaluation copies each batch's to the host), the loss sum replicated."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  out_shardings = {"loss": sharding.replicated(mesh), "scores": batch_sharding,
+                   "label": batch_sharding, "mask": batch_sharding}
   jitted = jax.jit(eval_step, in_shardings=(state_shardings, _shardings_of(spec)),
-                   out_shardings=sharding.replicated(mesh))
+                   out_shardings=out_shardings)
   return jitted.lower(abstract_state, spec).compile()
+
+
+def config_train_step(config, mesh, schedule, abstract_state, state_shardings):
+  """config's train step (micro-batches, gradient layout, mixing seed), compiled."""
+  return compile_train_step(
+      steps.make_train_step(
+          config.data, config.optim, schedule, config.grad_accum_steps,
+          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
+      abstract_state, state_shardings, mesh, config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,11 +190,7 @@ def training_parts(config, mesh, num_steps: int, steps_per_epoch: int) -> Traini
   schedule, tx = create_optimizer(config, num_steps, steps_per_epoch)
   abstract_state, state_shardings = abstract_train_state(model, tx, config, mesh)
   start = time.time()
-  train_step = compile_train_step(
-      steps.make_train_step(
-          config.data, config.optim, schedule, config.grad_accum_steps,
-          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
-      abstract_state, state_shardings, mesh, config)
+  train_step = config_train_step(config, mesh, schedule, abstract_state, state_shardings)
   eval_step = compile_eval_step(
       steps.make_eval_step(config.data), abstract_state, state_shardings, mesh,
       batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True))

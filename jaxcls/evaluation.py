@@ -1,12 +1,17 @@
 """Evaluation: one exact pass over a split, every example counted once over all hosts.
 
 The eval pipeline pads the last batch and marks padding with mask=False; the compiled
-eval_step (build.compile_eval_step) returns each example's probabilities replicated on every
-process, so each process can compute (identical) exact metrics, and process 0 writes them.
+eval_step (build.compile_eval_step) returns each example's log-probabilities sharded like the
+batch. Each batch's outputs are copied to the host while the next batch runs, so the devices
+never hold more than a couple of batches of scores; the exact metrics are computed once, on
+process 0, which writes them and shares the single numbers with the other processes.
 """
+
+import json
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxcls import metrics, sharding
 from jaxcls import workdir as workdir_lib
@@ -16,21 +21,48 @@ from jaxcls.data import pipeline
 SHOWN = ("loss", "accuracy", "top5_accuracy", "f1_macro", "roc_auc_macro")
 
 
+def _to_host(outputs) -> dict:
+  """One batch's outputs as numpy: the whole global batch, on every process."""
+  return multihost_utils.process_allgather(outputs, tiled=True)
+
+
+def share_from_process_0(value):
+  """Process 0's JSON-able value, on every process (two small broadcasts: size, bytes)."""
+  if jax.process_count() == 1:
+    return value
+  is_source = jax.process_index() == 0
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_source else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data) if is_source else 0)))
+  data = multihost_utils.broadcast_one_to_all(data if is_source else np.zeros(size, np.uint8))
+  return json.loads(np.asarray(data).tobytes())
+
+
 def evaluate(eval_step, state, eval_dataset, mesh, class_names, top_k=(1, 5),
              prefetch: int = 2) -> dict:
-  """Runs the eval split once; returns metrics.classification_metrics plus the mean loss."""
-  outputs = []
+  """Runs the eval split once -> metrics.classification_metrics plus the mean loss.
+
+  On process 0 the whole result; on the others its single numbers (scalar_summary), which
+  is all they use: the metrics are computed once.
+  """
+  host, pending = [], None
   for batch in pipeline.prefetch_to_device(eval_dataset, sharding.batch_sharding(mesh),
                                            prefetch):
-    outputs.append(eval_step(state, batch))  # stays on the device until the pass is done
-  outputs = jax.device_get(outputs)
-  mask = np.concatenate([o["mask"] for o in outputs])
-  probs = np.concatenate([o["probs"] for o in outputs])[mask]
-  labels = np.concatenate([o["label"] for o in outputs])[mask]
-  loss_sum = float(sum(np.float64(o["loss"]) for o in outputs))
-  result = metrics.classification_metrics(probs, labels, class_names, top_k)
-  result["loss"] = loss_sum / max(len(labels), 1)
-  return result
+    outputs = eval_step(state, batch)
+    if pending is not None:  # the previous batch's copy overlaps this batch's compute
+      host.append(_to_host(pending))
+    pending = outputs
+  if pending is not None:
+    host.append(_to_host(pending))
+  result = None
+  if jax.process_index() == 0:
+    mask = np.concatenate([o["mask"] for o in host])
+    scores = np.concatenate([o["scores"] for o in host])[mask]
+    labels = np.concatenate([o["label"] for o in host])[mask]
+    loss_sum = float(sum(np.float64(o["loss"]) for o in host))
+    result = metrics.classification_metrics(scores, labels, class_names, top_k)
+    result["loss"] = loss_sum / max(len(labels), 1)
+  shared = share_from_process_0(metrics.scalar_summary(result) if result else None)
+  return result if result is not None else shared
 
 
 def write_result(workdir: str, split: str, step: int, result: dict) -> str:

@@ -9,6 +9,10 @@ Axes:
   'model'  splits the output channels of large kernels (tensor parallel); the batch is not
            split over it, so the devices of one 'model' group see the same examples.
 
+Across hosts: on several processes (or TPU slices) the mesh comes from
+mesh_utils.create_hybrid_device_mesh; config.mesh.across_hosts ('data' by default) is the
+one axis that spans hosts, so 'fsdp' and 'model' collectives stay on a host's fast network.
+
 Every large array has one "sharded layout" (by shape, or a regex rule from the config); a
 stage that does not shard a tree uses that layout with 'fsdp' taken out.
 """
@@ -17,6 +21,7 @@ import math
 import re
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcls.errors import ConfigError
@@ -59,14 +64,53 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def _granule_key(devices) -> str:
+  """What groups devices behind one fast network: TPU slices when there are several, else
+  processes (hosts)."""
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  return "slice_index" if len(slices) > 1 and None not in slices else "process_index"
+
+
+def host_shapes(sizes: dict, across_hosts: str, num_granules: int) -> tuple[tuple, tuple]:
+  """-> (shape within a host, shape across hosts), in MESH_AXES order: the across_hosts
+  axis takes num_granules hosts (slices), every other axis stays within one."""
+  within = dict(sizes)
+  within[across_hosts] //= num_granules
+  across = tuple(num_granules if name == across_hosts else 1 for name in MESH_AXES)
+  return tuple(within[name] for name in MESH_AXES), across
+
+
+def device_grid(mesh_config, devices):
+  """The devices as a (data, fsdp, model) array. On one host (or slice), JAX's order
+  (jax.make_mesh); on several, mesh_utils.create_hybrid_device_mesh: config.mesh.across_hosts
+  spans the hosts, the other axes stay inside each host, on its fast network."""
+  sizes = resolve_mesh_shape(mesh_config, len(devices))
+  key = _granule_key(devices)
+  granules = len({getattr(d, key) for d in devices})
+  across_hosts = mesh_config.get("across_hosts", "data")
+  if granules == 1:
+    return None
+  if sizes[across_hosts] % granules:
+    raise ConfigError(
+        f"config.mesh.across_hosts={across_hosts!r}: its axis has {sizes[across_hosts]} "
+        f"devices, which does not split over the {granules} hosts; make "
+        f"config.mesh.{across_hosts} a multiple of {granules}.")
+  within, across = host_shapes(sizes, across_hosts, granules)
+  return mesh_utils.create_hybrid_device_mesh(
+      within, across, devices, process_is_granule=key == "process_index")
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
+  # Auto axes: shardings are given at jit boundaries and XLA propagates them inside.
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  grid = device_grid(mesh_config, devices)
+  if grid is not None:
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
   sizes = resolve_mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[name] for name in MESH_AXES)
-  # Auto axes: shardings are given at jit boundaries and XLA propagates them inside.
   # 'model' is the last (fastest-varying) axis, so its groups are the closest devices.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -121,6 +165,15 @@ def check_mesh_config(mesh_config, num_devices: int, process_count: int = 1) -> 
         f"config.mesh.model={sizes['model']} does not divide the {local_devices} devices "
         "of one process: a model group must stay within one host (its devices share the "
         "same examples).")
+  across_hosts = mesh_config.get("across_hosts", "data")
+  if across_hosts not in BATCH_AXES:
+    raise ConfigError(f"config.mesh.across_hosts={across_hosts!r}: use 'data' or 'fsdp' (the "
+                      "axis that spans hosts; 'model' stays within one).")
+  if sizes[across_hosts] % process_count:
+    raise ConfigError(
+        f"config.mesh.{across_hosts}={sizes[across_hosts]} does not split over the "
+        f"{process_count} processes, but config.mesh.across_hosts={across_hosts!r} puts that "
+        f"axis across hosts: use a multiple of {process_count}, or the other batch axis.")
   return sizes
 
 

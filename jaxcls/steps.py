@@ -1,18 +1,24 @@
 """The pure per-batch functions: train_step and eval_step, and the train state they carry.
 
-They know nothing of meshes or loops: build.py jits them once with explicit shardings (the
-only layout they take is an optional one for the gradients, ZeRO stage 2's reduce-scatter).
+They know nothing of loops: build.py jits them once with explicit shardings. The only layout
+they take is the gradients' (ZeRO stage 2's reduce-scatter, and the mesh that gradient
+accumulation's shard_map runs over).
 """
 
 from typing import Any
 
 import flax
+import flax.linen
 import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+from jax.sharding import PartitionSpec as P
 
+from jaxcls import sharding
 from jaxcls.data import mixing
+
+BATCH_AXES = sharding.BATCH_AXES
 
 
 class TrainState(train_state.TrainState):
@@ -38,68 +44,152 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 def split_micro_batches(batch, num_micro_batches: int):
   """(B, ...) arrays -> (k, B/k, ...): micro-batch i takes examples i, i+k, i+2k, ...
 
-  Each device holds a contiguous block of the batch, which this splits evenly among the
-  micro-batches, so every micro-batch is spread over all devices and nothing moves.
+  Applied to one device's contiguous block of the batch, every micro-batch takes an equal
+  share of every device's examples, so nothing moves between devices.
   """
   k = num_micro_batches
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
                       batch)
 
 
+def with_batchnorm_axis(apply_fn, axis_name):
+  """The model's apply with its BatchNorm statistics averaged over `axis_name`.
+
+  Inside shard_map each device normalizes its own examples; averaging the statistics over
+  the batch axes gives the statistics of the whole (micro-)batch, as jit over the global
+  array does.
+  """
+  model = getattr(apply_fn, "__self__", None)
+  if not isinstance(model, flax.linen.Module) or "bn_axis_name" not in getattr(
+      model, "__dataclass_fields__", {}):
+    raise TypeError(
+        f"grad_accum_steps > 1 needs a flax model with a `bn_axis_name` field (see "
+        f"jaxcls/models/__init__.py); the state's apply_fn is {apply_fn!r}.")
+  return model.clone(bn_axis_name=axis_name).apply
+
+
+def _reduce_over_batch(grads, specs):
+  """The one cross-device sum of the accumulated gradients, inside shard_map.
+
+  A gradient whose layout splits a dimension over batch axes (ZeRO stage 2 / 3: 'fsdp') is
+  reduce-scattered along it (psum_scatter), the others are all-reduced (psum).
+  """
+
+  def reduce(grad, spec):
+    scattered = []
+    for dim, entry in enumerate(spec):
+      axes = entry if isinstance(entry, tuple) else (entry,)
+      axes = tuple(axis for axis in axes if axis in BATCH_AXES)
+      if axes:
+        scattered.append((dim, axes))
+    summed = tuple(a for a in BATCH_AXES if all(a not in axes for _, axes in scattered))
+    if summed:
+      grad = jax.lax.psum(grad, summed)
+    for dim, axes in scattered:
+      grad = jax.lax.psum_scatter(grad, axes, scatter_dimension=dim, tiled=True)
+    return grad
+
+  return jax.tree.map(reduce, grads, specs)
+
+
+def _batch_part(spec):
+  """spec with only its batch axes: shard_map's out_specs name the manual axes only."""
+  entries = []
+  for entry in spec:
+    axes = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,))
+                 if a in BATCH_AXES)
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*entries)
+
+
 def make_compute_grads(data_config, optim_config, grad_accum_steps: int = 1,
                        grad_shardings=None):
   """Builds compute_grads(state, batch) -> (grads, batch_stats, metrics).
 
-  grads is the mean gradient over the batch, summed over grad_accum_steps micro-batches in
-  a scan (the activations of one micro-batch at a time). With grad_shardings (a tree like
-  the params) each micro-batch's gradients are constrained to that layout, which is how
-  ZeRO stage 2 gets its reduce-scatter; without, XLA picks (the parameters' layout).
-  BatchNorm normalizes each micro-batch by its own statistics and updates its running
-  averages once per micro-batch, in order.
+  grads is the mean gradient over the batch. With grad_shardings (a tree like the params of
+  NamedShardings) the gradients land in that layout, which is how ZeRO stage 2 gets its
+  reduce-scatter; without, XLA picks (the parameters' layout).
+
+  grad_accum_steps = k > 1 runs k micro-batches one after another (the activations of one
+  at a time) in a scan inside a shard_map over the batch axes: each device sums the
+  gradients of its own examples, and the sum crosses devices once, after the scan (psum, or
+  psum_scatter into the stage's layout), not once per micro-batch. BatchNorm normalizes
+  each micro-batch by the statistics of the whole micro-batch (averaged over the devices)
+  and updates its running averages once per micro-batch, in order. k > 1 needs
+  grad_shardings (their mesh is the one the step runs on).
   """
   num_classes = data_config.num_classes
   mean, std = tuple(data_config.mean), tuple(data_config.std)
   label_smoothing = float(optim_config.label_smoothing)
   k = int(grad_accum_steps)
+  if k > 1 and grad_shardings is None:
+    raise ValueError("make_compute_grads: grad_accum_steps > 1 needs grad_shardings (a tree "
+                     "of NamedShardings like the params; jaxcls.build passes them).")
 
   def constrain(grads):
     if grad_shardings is None:
       return grads
     return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
-  def loss_and_grads(state: TrainState, batch_stats, batch):
+  def loss_and_grads(apply_fn, params, batch_stats, batch):
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
 
     def loss_fn(params):
-      logits, updates = state.apply_fn(
+      logits, updates = apply_fn(
           {"params": params, "batch_stats": batch_stats}, images, train=True,
           mutable=["batch_stats"])
       loss = cross_entropy(logits, batch.get("target", labels), num_classes,
                            label_smoothing).mean()
-      # A model without BatchNorm has no statistics to update.
-      return loss, (logits, updates.get("batch_stats", batch_stats))
+      # A model without BatchNorm has no statistics to update. The same tree structure
+      # as the input either way (a scan carry must not turn a FrozenDict into a dict).
+      new_stats = jax.tree.unflatten(jax.tree.structure(batch_stats),
+                                     jax.tree.leaves(updates.get("batch_stats", batch_stats)))
+      return loss, (logits, new_stats)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    return constrain(grads), batch_stats, metrics
+    return grads, batch_stats, metrics
+
+  if k == 1:
+    def compute_grads(state: TrainState, batch):
+      grads, batch_stats, metrics = loss_and_grads(state.apply_fn, state.params,
+                                                   state.batch_stats, batch)
+      return constrain(grads), batch_stats, metrics
+    return compute_grads
+
+  mesh = jax.tree.leaves(grad_shardings)[0].mesh
+  specs = jax.tree.map(lambda s: s.spec, grad_shardings)
 
   def compute_grads(state: TrainState, batch):
-    if k == 1:
-      return loss_and_grads(state, state.batch_stats, batch)
+    apply_fn = with_batchnorm_axis(state.apply_fn, BATCH_AXES)
 
-    def accumulate(carry, micro_batch):
-      grads_sum, batch_stats = carry
-      grads, batch_stats, metrics = loss_and_grads(state, batch_stats, micro_batch)
-      return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), metrics
+    def local(params, batch_stats, batch):
+      # One device: its examples, every parameter whole. No collective but BatchNorm's.
+      def accumulate(carry, micro_batch):
+        grads_sum, batch_stats = carry
+        grads, batch_stats, metrics = loss_and_grads(apply_fn, params, batch_stats,
+                                                     micro_batch)
+        return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), metrics
 
-    zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
-    (grads_sum, batch_stats), metrics = jax.lax.scan(
-        accumulate, (zeros, state.batch_stats), split_micro_batches(batch, k))
-    # Equal micro-batches: the mean of their means is the mean over the batch.
-    grads = jax.tree.map(lambda g: g / k, grads_sum)
-    return grads, batch_stats, jax.tree.map(jnp.mean, metrics)
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads_sum, batch_stats), metrics = jax.lax.scan(
+          accumulate, (zeros, batch_stats), split_micro_batches(batch, k))
+      # Equal shares everywhere: the mean of the means is the mean over the batch.
+      grads = _reduce_over_batch(jax.tree.map(lambda g: g / (k * batch_shards), grads_sum),
+                                 specs)
+      metrics = jax.lax.pmean(jax.tree.map(jnp.mean, metrics), BATCH_AXES)
+      return grads, batch_stats, metrics
+
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    # check_vma=False: the gradients of the (replicated) parameters stay per-device sums
+    # until _reduce_over_batch; with it, JAX would insert the psum inside the scan itself.
+    grads, batch_stats, metrics = jax.shard_map(
+        local, mesh=mesh, axis_names=set(BATCH_AXES), check_vma=False,
+        in_specs=(P(), P(), P(BATCH_AXES)),
+        out_specs=(jax.tree.map(_batch_part, specs), P(), P()))(
+            state.params, state.batch_stats, batch)
+    return constrain(grads), batch_stats, metrics
 
   return compute_grads
 
@@ -131,10 +221,12 @@ def make_train_step(data_config, optim_config, schedule, grad_accum_steps: int =
 
 
 def make_eval_step(data_config):
-  """Builds eval_step(state, batch) -> the batch's loss sum and every example's probabilities.
+  """Builds eval_step(state, batch) -> the batch's loss sum and every example's scores.
 
   Exact metrics (top-k, per-class, ROC-AUC) need each example's scores, so the step returns
-  them with the labels and the padding mask; jaxcls.evaluation gathers and scores them.
+  them with the labels and the padding mask; jaxcls.evaluation gathers and scores them. The
+  scores are log-probabilities: a float32 softmax rounds confident predictions to the same
+  1.0 (or 0.0), and such ties change ROC-AUC; log_softmax keeps them apart.
   """
   num_classes = data_config.num_classes
   mean, std = tuple(data_config.mean), tuple(data_config.std)
@@ -147,7 +239,7 @@ def make_eval_step(data_config):
     mask = batch["mask"].astype(jnp.float32)
     return {
         "loss": jnp.sum(cross_entropy(logits, labels, num_classes) * mask),
-        "probs": jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+        "scores": jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
         "label": labels,
         "mask": batch["mask"],
     }

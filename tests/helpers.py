@@ -8,6 +8,7 @@ import collections
 import functools
 import io
 import pathlib
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,6 +35,7 @@ def tiny_config(**mesh):
   config.mesh.data = mesh.get("data", -1)
   config.mesh.fsdp = mesh.get("fsdp", 1)
   config.mesh.fsdp_min_size = 256  # small enough that the tiny model's kernels get split
+  config.mesh.zero_stage = 3  # fsdp splits all it can (zero_config picks another stage)
   config.optim.warmup_epochs = 0.0
   config.optim.learning_rate = 0.05
   return config
@@ -114,6 +116,7 @@ def train_on_mesh(config, devices, batches):
 
 class NoBatchNormNet(nn.Module):
   """Conv-ReLU-pool-Dense, plus a call counter in the batch_stats collection."""
+  bn_axis_name: Any = None  # the models' field (gradient accumulation sets it); no BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):

@@ -77,3 +77,24 @@ def test_decode_benchmark_prints_the_ratios_and_the_fidelity(tmp_path):
   assert fidelity["500x375"]["train changed"]["crops"] == 0  # no reduction at 500x375
   assert 0 < fidelity["1024x768"]["train changed"]["mean_abs"] < 1.5
   assert "1024x768 fidelity" in result.stdout and "reduced/main" in result.stdout
+
+
+def test_eval_metrics_benchmark_prints_the_ratio_against_sklearn(tmp_path):
+  result = run_benchmark("eval_metrics.py", tmp_path, "--examples", "3000", "--classes", "40",
+                         "--sklearn_classes", "10")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "ROC-AUC of those 10 classes equal to sklearn's" in result.stdout
+  assert "ratio sklearn/jaxcls:" in result.stdout
+
+
+def test_zero_stages_benchmark_prints_step_time_and_xla_memory_per_stage(tmp_path):
+  result = run_benchmark(
+      "zero_stages.py", tmp_path, "--devices", "2", "--stages", "0,3", "--rounds", "1",
+      "--seconds", "0.1", "--set", "model.name='resnet_tiny'", "--set", "model.width=8",
+      "--set", "data.image_size=8", "--set", "batch_size=8", "--set", "mesh.fsdp_min_size=256")
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line for line in result.stdout.splitlines() if line.startswith("| 3 |")]
+  assert len(rows) == 1 and "ratio stage 3/stage 0:" in result.stdout
+  arguments = [float(line.split("|")[4]) for line in result.stdout.splitlines()
+               if line.startswith(("| 0 |", "| 3 |"))]
+  assert arguments[1] < arguments[0]  # stage 3 holds half the parameters per device

@@ -57,13 +57,20 @@ def test_evaluate_counts_each_example_of_a_padded_split_once():
   assert result["num_examples"] == 13 and sum(result["per_class"]["support"]) == 13
   assert np.sum(result["confusion_matrix"]) == 13
   # The same numbers as scoring the 13 examples directly, with no padding anywhere.
-  probs = np.asarray(jax.nn.softmax(model.apply(variables, inputs, train=False), axis=-1))
+  logits = model.apply(variables, inputs, train=False)
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   assert len(set(probs.argmax(1).tolist())) > 3  # the examples are told apart
-  expected = metrics.classification_metrics(probs, labels, source.class_names, (1, 5))
+  expected = metrics.classification_metrics(np.asarray(jax.nn.log_softmax(logits, axis=-1)),
+                                             labels, source.class_names, (1, 5))
   assert result["confusion_matrix"] == expected["confusion_matrix"]
   assert result["per_class"]["support"] == expected["per_class"]["support"]
   for key in ("accuracy", "top5_accuracy", "f1_macro", "roc_auc_macro"):
     assert result[key] == pytest.approx(expected[key], rel=1e-5), key
+  # The devices keep no scores after the pass: each batch's went to the host.
+  outputs = eval_step(state, next(iter(pipeline.prefetch_to_device(
+      dataset, sharding.batch_sharding(mesh)))))
+  assert outputs["scores"].sharding.spec == sharding.batch_sharding(mesh).spec
+  assert {s.data.shape for s in outputs["scores"].addressable_shards} == {(1, 10)}
   loss = -np.mean(np.log(probs[np.arange(13), labels]))
   assert result["loss"] == pytest.approx(loss, rel=1e-4)
 
@@ -73,3 +80,28 @@ def test_training_writes_an_eval_file_per_evaluation(trained_workdir):
   assert final["num_examples"] == 2000 and sum(final["per_class"]["support"]) == 2000
   assert np.sum(final["confusion_matrix"]) == 2000
   assert len(list((trained_workdir / "eval").glob("test_*.json"))) >= 2  # periodic evals too
+
+
+def test_eval_scores_are_log_probabilities_that_keep_confident_examples_apart():
+  """A float32 softmax rounds both of these to probability 1.0 for class 0 (a tie that
+  would change ROC-AUC); their log-probabilities differ."""
+  config = config_lib.base_config()
+  logits = np.array([[30.0, 0.0, 0.0], [40.0, 0.0, 0.0], [0.0, 1.0, 2.0]], np.float32)
+
+  class Fixed:  # a state whose model returns these logits
+    params, batch_stats = {}, {}
+
+    @staticmethod
+    def apply_fn(variables, images, train):
+      del variables, images, train
+      return logits
+
+  config.data.num_classes = 3
+  batch = {"image": np.zeros((3, 4, 4, 3), np.uint8), "label": np.array([0, 1, 2]),
+           "mask": np.ones(3, bool)}
+  scores = np.asarray(steps.make_eval_step(config.data)(Fixed, batch)["scores"])
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  assert probs[0, 0] == probs[1, 0] == 1.0  # tied as probabilities
+  assert scores[0, 1] != scores[1, 1]  # apart as log-probabilities
+  np.testing.assert_allclose(np.exp(scores).sum(1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(scores, jax.nn.log_softmax(logits.astype(np.float64)), rtol=1e-5)

@@ -38,3 +38,28 @@ def test_parameter_layout_names_what_each_stage_splits():
   assert layout["head/bias"][1] == jax.sharding.PartitionSpec()  # small: stays whole
   config.mesh.zero_stage = 1  # parameters are not split below stage 3
   assert all(axis is None for _, _, spec in memory.parameter_layout(config) for axis in spec)
+
+
+def test_step_memory_reads_xla_figures_for_the_compiled_step():
+  """XLA's memory_analysis of the train step: the donated state is aliased, and stage 3
+  holds an eighth of the parameters as arguments but gathers them into temporaries."""
+  config = config_lib.base_config()
+  config.model.update(dict(name="resnet_tiny", width=8))
+  config.data.image_size, config.batch_size = 16, 16
+  config.mesh.update(dict(data=1, fsdp=8, fsdp_min_size=256))
+  figures = {}
+  for stage in (0, 3):
+    config.mesh.zero_stage = stage
+    figures[stage] = memory.step_memory(config)
+    state = memory.state_memory(config)
+    batch = 16 * 16 * 16 * 3 / 8 + 16 * 4 / 8  # this device's uint8 images and int32 labels
+    # Arguments: this device's train state (params, momentum, BatchNorm statistics, step) and
+    # batch share; outputs: the new state (aliased to the donated one) and the metrics.
+    state_mib = state["total"] - state["gradients"]
+    assert figures[stage]["arguments"] == pytest.approx(state_mib + batch / memory.MIB,
+                                                        rel=0.02)
+    assert figures[stage]["aliased"] == pytest.approx(state_mib, rel=0.02)
+    assert figures[stage]["peak"] == pytest.approx(
+        figures[stage]["arguments"] + figures[stage]["outputs"]
+        + figures[stage]["temporaries"] - figures[stage]["aliased"])
+  assert figures[3]["arguments"] < 0.5 * figures[0]["arguments"]

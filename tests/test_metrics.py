@@ -83,3 +83,19 @@ def test_roc_auc_with_tied_scores_matches_sklearn():
   positive = rng.random(200) < 0.3
   assert metrics.binary_roc_auc(scores, positive) == pytest.approx(
       skm.roc_auc_score(positive, scores))
+
+
+def test_one_vs_rest_roc_auc_with_ties_equals_sklearn_per_class():
+  """2,000 examples, 40 classes, scores rounded to 1/8 (runs of ties everywhere), one class
+  absent and one that is the label of a single example."""
+  rng = np.random.default_rng(7)
+  labels = rng.integers(0, 40, 2000)
+  labels[labels == 3] = 4  # absent: no positive, ROC-AUC undefined
+  labels[labels == 5] = 6
+  labels[0] = 5  # a single positive
+  scores = (np.round(rng.normal(size=(2000, 40)) * 8) / 8).astype(np.float32)
+  scores[np.arange(2000), labels] += 0.5
+  auc = metrics.one_vs_rest_roc_auc(scores, labels)
+  assert np.isnan(auc[3]) and np.isnan(auc).sum() == 1
+  for c in set(range(40)) - {3}:
+    assert auc[c] == pytest.approx(skm.roc_auc_score(labels == c, scores[:, c]), rel=1e-12), c

@@ -194,6 +194,50 @@ def test_stage_two_step_reduce_scatters_the_gradients():
   assert not shard_shapes & reduce_scattered_shapes(stage_run(0).hlo)
 
 
+COLLECTIVE = re.compile(r"^(all-reduce|reduce-scatter)(-start)?$")
+
+
+def loop_and_step_reductions(hlo: str) -> tuple[set, set]:
+  """Result shapes of the cross-device sums (all-reduce, reduce-scatter) inside while bodies,
+  and of those elsewhere in the step."""
+  instructions = _hlo_instructions(hlo)
+  bodies = _computation_bodies(hlo)
+  loop_names = set()
+  for body in re.findall(r"body=%([\w.\-]+)", hlo):
+    loop_names.update(_hlo_instructions(bodies[body]))
+  inside, outside = set(), set()
+  for name, (shapes, opcode, _, _) in instructions.items():
+    if COLLECTIVE.match(opcode):
+      (inside if name in loop_names else outside).update(shapes)
+  return inside, outside
+
+
+@pytest.mark.parametrize("stage,mesh", [(0, {"data": 8}), (2, {"data": 2, "fsdp": 4})])
+def test_accumulation_reduces_the_gradients_once_per_step(stage, mesh):
+  """4 micro-batches: no gradient is summed across devices inside the scan's while loop,
+  only once after it. BatchNorm's statistics ((2, channels): mean and mean of squares) are
+  the only sums inside."""
+  config = zero_config(stage, accum=4, **mesh)
+  config.batch_size = 32
+  run = train_run(config, jax.devices())
+  assert re.search(r" while\(", run.hlo)
+  params = jax.tree.leaves(run.state.params)
+  gradient_shapes = {tuple(p.shape) for p in params} | {
+      tuple(g.addressable_shards[0].data.shape) for g in jax.tree.leaves(run.grads)}
+  inside, outside = loop_and_step_reductions(run.hlo)
+  assert inside, "BatchNorm needs its statistics summed inside the loop"
+  assert not inside & gradient_shapes, sorted(inside & gradient_shapes)
+  channels = {p.shape[0] for p in params if p.ndim == 1}
+  assert inside <= {(2, c) for c in channels}, sorted(inside)
+  kernels = {tuple(g.addressable_shards[0].data.shape) for g in jax.tree.leaves(run.grads)
+             if g.ndim == 4}
+  assert kernels <= outside  # summed once, after the loop, in the stage's layout
+  split = {tuple(g.addressable_shards[0].data.shape) for g in jax.tree.leaves(run.grads)
+           if g.addressable_shards[0].data.shape != g.shape}
+  assert len(split) >= 3 if stage == 2 else not split
+  assert split <= reduce_scattered_shapes(run.hlo)
+
+
 def test_rules_override_the_split_and_the_optimizer_state_follows():
   config = zero_config(stage=3, data=2, fsdp=4)
   config.mesh.rules = ((r"stage1_block1/conv1/kernel", ()),
@@ -227,3 +271,45 @@ def test_model_axis_splits_output_channels_at_every_stage():
     assert shardings.params["stem_bn"]["scale"].spec == sharding.P()
     batch = sharding.batch_sharding(mesh).spec
     assert "model" not in jax.tree.leaves(tuple(batch))
+
+
+class FakeDevice:
+  """What mesh_utils reads of a device (not a tuple: numpy would unpack it)."""
+  platform = device_kind = "cpu"
+
+  def __init__(self, device_id, process_index):
+    self.id, self.process_index = device_id, process_index
+
+
+def test_hybrid_mesh_keeps_fsdp_and_model_inside_each_host():
+  """4 hosts x 8 devices (stand-ins: mesh_utils needs only these attributes), data across
+  hosts: every fsdp x model group is one host's devices; the data axis crosses hosts."""
+  devices = [FakeDevice(8 * host + i, host) for host in range(4) for i in range(8)]
+  config = zero_config(data=-1, fsdp=4, model=2)
+  config.mesh.across_hosts = "data"
+  grid = sharding.device_grid(config.mesh, devices)
+  assert grid.shape == (4, 4, 2)
+  for data_index in range(4):
+    assert {d.process_index for d in grid[data_index].flat} == {data_index}
+  config.mesh.update(dict(data=2, fsdp=-1, across_hosts="fsdp"))  # fsdp over 16 = 4 hosts x 4
+  grid = sharding.device_grid(config.mesh, devices)
+  assert grid.shape == (2, 8, 2)
+  assert len({d.process_index for d in grid[:, 0].flat}) == 1  # one host: the data axis
+  assert {d.process_index for d in grid[0, :, 0].flat} == {0, 1, 2, 3}
+  config.mesh.update(dict(data=2, fsdp=8, model=2, across_hosts="data"))
+  with pytest.raises(config_lib.ConfigError, match=r"across_hosts='data'.*2 devices.*4 hosts"):
+    sharding.device_grid(config.mesh, devices)
+
+
+def test_one_process_mesh_is_the_plain_mesh_and_across_hosts_is_checked():
+  config = zero_config(data=2, fsdp=2, model=2)
+  assert sharding.device_grid(config.mesh, jax.devices()) is None  # one host: JAX's order
+  mesh = sharding.make_mesh(config.mesh)
+  plain = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, devices=jax.devices())
+  assert (mesh.devices == plain.devices).all()
+  config.mesh.across_hosts = "model"
+  with pytest.raises(config_lib.ConfigError, match=r"across_hosts='model'.*'data' or 'fsdp'"):
+    sharding.check_mesh_config(config.mesh, 8)
+  config.mesh.across_hosts = "fsdp"
+  with pytest.raises(config_lib.ConfigError, match=r"mesh.fsdp=2 does not split over the 4 "):
+    sharding.check_mesh_config(config.mesh, 8, process_count=4)

@@ -3,8 +3,11 @@ non-finite loss stops it, naming the step, with the last good checkpoint kept.""
 
 import json
 
+import jax
+import numpy as np
+
 from jaxcls import config as config_lib
-from jaxcls import train
+from jaxcls import preemption, reporter, train
 from helpers import write_image
 from runner import REFERENCE_RUN as RUN, completed_steps, run_main
 
@@ -38,3 +41,45 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   assert "training stopped: Non-finite" in message
   bad_step = int(message.split(" at step ")[1].split()[0])
   assert completed_steps(tmp_path) and max(completed_steps(tmp_path)) == bad_step - 1
+
+
+def test_steady_state_loop_does_no_implicit_host_transfer(tmp_path, monkeypatch):
+  """The step loop (after init, up to the final save) under jax.transfer_guard("disallow"):
+  batches reach the devices by explicit device_put (the prefetch thread), metrics come back
+  by one explicit device_get per log step; an implicit transfer (a numpy array or Python
+  number into a step, an index into a device array) raises. (XLA:CPU lets np.asarray of a
+  device array through, zero-copy; the guard refuses it on GPU and TPU.)"""
+  implicit_transfer_refused = []
+
+  class GuardedLoop(preemption.PreemptionGuard):  # entered around exactly the step loop
+    def __enter__(self):
+      self.transfer_guard = jax.transfer_guard("disallow")
+      self.transfer_guard.__enter__()
+      return super().__enter__()
+
+    def __exit__(self, *exc):
+      self.transfer_guard.__exit__(*exc)
+      return super().__exit__(*exc)
+
+  class CheckedLog(reporter.TrainLog):
+    def add(self, step, metrics):
+      try:  # the guard is on in the loop: an implicit transfer is refused
+        metrics["loss"] * np.ones(1, np.float32)
+      except Exception as e:  # pylint: disable=broad-except
+        implicit_transfer_refused.append("Disallowed host-to-device transfer" in str(e))
+      super().add(step, metrics)
+
+  monkeypatch.setattr(train.preemption, "PreemptionGuard", GuardedLoop)
+  monkeypatch.setattr(train.reporter_lib, "TrainLog", CheckedLog)
+  config = config_lib.base_config()
+  config.model.update(dict(name="cnn", width=4))
+  config.data.update(dict(source="synthetic", synthetic_size=256, image_size=8, eval_resize=8,
+                          num_workers=0))
+  config.update(dict(batch_size=32, eval_batch_size=64, num_train_steps=6, log_every_steps=2))
+  config.checkpoint.every_steps = 3  # a save inside the loop too
+  results = train.run(config, str(tmp_path / "run"))
+  assert results["step"] == 6
+  assert implicit_transfer_refused == [True] * 6
+  logged = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+            if r["split"] == "train"]
+  assert logged == [2, 4, 6]

@@ -2,7 +2,9 @@
 
 Every constructor takes keyword arguments num_classes, width, stem, dtype,
 zero_init_residual and bn_momentum and returns a flax.linen.Module whose
-`__call__(x, train)` maps float32 NHWC images to float32 logits.
+`__call__(x, train)` maps float32 NHWC images to float32 logits. A model with BatchNorm has a
+`bn_axis_name` field (default None) that its BatchNorm layers pass on as `axis_name`: gradient
+accumulation (jaxcls/steps.py) sets it to average the statistics over the devices.
 """
 
 import os

@@ -23,6 +23,7 @@ class CNN(nn.Module):
   width: int = 32
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
+  bn_axis_name: Any = None  # see resnet._Common
 
   def _block(self, x, features, train, name):
     x = nn.Conv(
@@ -41,6 +42,7 @@ class CNN(nn.Module):
         epsilon=1e-5,
         dtype=self.dtype,
         param_dtype=jnp.float32,
+        axis_name=self.bn_axis_name,
         name=f'{name}_bn',
     )(x)
     return nn.relu(x)

@@ -28,6 +28,9 @@ class _Common(nn.Module):
 
   dtype: Any = jnp.float32
   bn_momentum: float = 0.9
+  # Mesh axes to average BatchNorm statistics over; set (by clone) only inside the shard_map
+  # of gradient accumulation (jaxcls/steps.py), where each device sees its own examples.
+  bn_axis_name: Any = None
 
   def conv(self, features, kernel_size, strides=1, name=None):
     return nn.Conv(
@@ -49,6 +52,7 @@ class _Common(nn.Module):
         epsilon=1e-5,
         dtype=self.dtype,
         param_dtype=jnp.float32,
+        axis_name=self.bn_axis_name,
         scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
         name=name,
     )
@@ -132,6 +136,7 @@ class ResNet(_Common):
             zero_init_residual=self.zero_init_residual,
             dtype=self.dtype,
             bn_momentum=self.bn_momentum,
+            bn_axis_name=self.bn_axis_name,
             name=f'stage{i + 1}_block{j + 1}',
         )(x, train)
 
