@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxcls import checkpoint, models, optim, sharding, steps, weights
+from jaxcls import checkpoint, models, optim, resume, sharding, steps, weights
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import sources
 from jaxcls.errors import CheckpointError, ConfigError
@@ -243,7 +243,7 @@ def restore_for_inference(workdir: str, step: int | None = None) -> InferencePar
   try:
     for attempt in range(3):
       chosen = _inference_step(checkpointer, step)
-      problem, _ = checkpointer.find_damage(chosen)
+      problem, _ = resume.find_damage(checkpointer, chosen)
       if problem is None:
         try:
           state = checkpointer.restore(chosen, abstract_state, None, restore_data=False)

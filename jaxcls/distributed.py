@@ -18,10 +18,15 @@ import sys
 import threading
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxcls.errors import ConfigError, check_choice
 
 CLUSTER_DETECTION = ("auto", "jax", "off")
+# What a collective or the coordination service says when a peer process is gone.
+_PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection refused", "Connection closed",
+                         "heartbeat timeout", "unhealthy", "Broken pipe", "Gloo")
 # jax.distributed's own connect timeout is a backstop behind our watchdog: when it expires
 # the runtime aborts the process with a C++ stack trace instead of a Python error.
 _JAX_TIMEOUT_MARGIN_S = 60
@@ -187,3 +192,40 @@ def initialize(dist_config, coordinator_address: str = "", num_processes: int = 
   finally:
     joined.set()
   return settings
+
+
+def is_peer_failure(error: BaseException) -> bool:
+  """Whether `error` is the runtime reporting that another process of this run is gone."""
+  return (jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+          and any(marker in str(error) for marker in _PEER_FAILURE_MARKERS))
+
+
+def exit_after_lost_peer(error: BaseException, checkpoint_note: str):
+  """Ends this process at once with one line. A normal exit would run jax.distributed's
+  shutdown, which waits for the lost process until the heartbeat timeout and then aborts
+  with a C++ stack dump."""
+  first_line = (str(error).strip().splitlines() or [""])[0][:300]
+  print(f"error: process {jax.process_index()} of {jax.process_count()} lost contact with "
+        f"another process of this run ({first_line}). {checkpoint_note} Start every process "
+        "again with the same command to resume.", file=sys.stderr, flush=True)
+  os._exit(1)
+
+
+def agree_on_max(value: int) -> int:
+  """The largest of every process's value: a failure anywhere is a failure everywhere."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def broadcast_text(text: str | None, size: int = 2048) -> str | None:
+  """Process 0's text (or None) on every process (cut at `size` bytes)."""
+  if jax.process_count() == 1:
+    return text
+  encoded = np.zeros(size + 1, np.uint8)
+  if text is not None:
+    raw = text.encode()[:size]
+    encoded[0], encoded[1:len(raw) + 1] = 1, np.frombuffer(raw, np.uint8)
+  encoded = np.asarray(multihost_utils.broadcast_one_to_all(encoded))
+  return bytes(encoded[1:]).rstrip(b"\0").decode(errors="replace") if encoded[0] else None
+

@@ -51,17 +51,12 @@ def parse_flags(argv):
     sys.exit(f"error: bad config override: {message}")
 
 
-def _quiet_closed_event_loop(kind, value, traceback):
-  if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-    sys.__excepthook__(kind, value, traceback)
-
-
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   # Imported after flag parsing: grain worker processes read absl flags.
   from jaxcls import config as config_lib
-  from jaxcls import distributed, train
+  from jaxcls import checkpoint, distributed, train
   from jaxcls.errors import CheckpointError, ConfigError, DataError
 
   logging.set_verbosity(logging.WARNING)
@@ -74,9 +69,6 @@ def main(argv):
     sys.exit(f"config error: {e}")
   except ValueError as e:  # inconsistent process settings
     sys.exit(f"error: {e}")
-  # After a failed save (a full disk), tensorstore's remaining writes complete on orbax's
-  # closed event loop and print tracebacks; the CheckpointError says what happened.
-  sys.excepthook = _quiet_closed_event_loop
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
@@ -87,6 +79,10 @@ def main(argv):
     sys.exit(f"data error: {e}")
   except FloatingPointError as e:
     sys.exit(f"training stopped: {e}")
+  except Exception as e:
+    if distributed.is_peer_failure(e):  # another process of the run died
+      distributed.exit_after_lost_peer(e, checkpoint.newest_step_note(_WORKDIR.value))
+    raise
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import time
 import jax
 
 from jaxcls import build, checkpoint, config as config_lib, evaluation, plots, preemption
-from jaxcls import reporter as reporter_lib, runlock, sharding
+from jaxcls import reporter as reporter_lib, resume, runlock, sharding
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import corrupt, pipeline
 
@@ -65,8 +65,10 @@ def _run(config, workdir: str, start_time: float) -> dict:
     guard = preemption.PreemptionGuard(config.checkpoint.preemption_check_steps)
     try:
       with guard:  # the end of a run is as interruptible as its middle
-        outcome = _loop(config, parts, mesh, batches, evaluate, checkpointer, reporter,
-                        steps_per_epoch, num_steps, guard)
+        state, start_step = _resume_or_init(config, parts, mesh, batches, checkpointer,
+                                            reporter, steps_per_epoch)
+        outcome = _steps(config, parts, state, start_step, batches, evaluate, checkpointer,
+                         reporter, steps_per_epoch, num_steps, guard)
         if outcome.get("preempted"):
           return outcome
         checkpointer.wait()  # the last step is on disk before the (long) final evaluation
@@ -99,17 +101,22 @@ def _run(config, workdir: str, start_time: float) -> dict:
     reporter.close()
 
 
-def _loop(config, parts, mesh, batches, evaluate, checkpointer, reporter, steps_per_epoch: int,
-          num_steps: int, guard) -> dict:
-  """Resume or init, then step until num_steps or a signal; saves as config.checkpoint says."""
+def _resume_or_init(config, parts, mesh, batches, checkpointer, reporter,
+                    steps_per_epoch: int) -> tuple:
+  """-> (state, the step it is at): the latest usable checkpoint, else a new state."""
   state, start_step = None, 0
   if config.checkpoint.resume:
-    state, start_step = checkpoint.resume(checkpointer, parts.abstract_state, batches,
-                                          steps_per_epoch, reporter.log)
+    state, start_step = resume.resume_training(checkpointer, parts.abstract_state, batches,
+                                               steps_per_epoch, reporter.log)
   if state is None:  # a checkpoint wins over config.model.init_from
     state, _ = build.create_train_state(parts.model, parts.tx, config, mesh, reporter.log)
   reporter.truncate_after(start_step)
+  return state, start_step
 
+
+def _steps(config, parts, state, start_step: int, batches, evaluate, checkpointer, reporter,
+           steps_per_epoch: int, num_steps: int, guard) -> dict:
+  """Steps until num_steps or a signal; logs, evaluates and saves as the config says."""
   eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
   log = reporter_lib.TrainLog(reporter, config.batch_size, steps_per_epoch, start_step,
                               num_steps)

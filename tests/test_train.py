@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from jaxcls import config as config_lib
-from jaxcls import preemption, reporter, train
+from jaxcls import reporter, train
 from helpers import write_image
 from runner import REFERENCE_RUN as RUN, completed_steps, run_main
 
@@ -51,15 +51,11 @@ def test_steady_state_loop_does_no_implicit_host_transfer(tmp_path, monkeypatch)
   device array through, zero-copy; the guard refuses it on GPU and TPU.)"""
   implicit_transfer_refused = []
 
-  class GuardedLoop(preemption.PreemptionGuard):  # entered around exactly the step loop
-    def __enter__(self):
-      self.transfer_guard = jax.transfer_guard("disallow")
-      self.transfer_guard.__enter__()
-      return super().__enter__()
+  steps = train._steps  # the step loop, after resume or init, up to its last save
 
-    def __exit__(self, *exc):
-      self.transfer_guard.__exit__(*exc)
-      return super().__exit__(*exc)
+  def guarded_steps(*args, **kwargs):
+    with jax.transfer_guard("disallow"):
+      return steps(*args, **kwargs)
 
   class CheckedLog(reporter.TrainLog):
     def add(self, step, metrics):
@@ -69,7 +65,7 @@ def test_steady_state_loop_does_no_implicit_host_transfer(tmp_path, monkeypatch)
         implicit_transfer_refused.append("Disallowed host-to-device transfer" in str(e))
       super().add(step, metrics)
 
-  monkeypatch.setattr(train.preemption, "PreemptionGuard", GuardedLoop)
+  monkeypatch.setattr(train, "_steps", guarded_steps)
   monkeypatch.setattr(train.reporter_lib, "TrainLog", CheckedLog)
   config = config_lib.base_config()
   config.model.update(dict(name="cnn", width=4))
