@@ -63,10 +63,6 @@ def disk_bytes(step_dir: str) -> int:
   return total
 
 
-def has_checksums(step_dir: str) -> bool:
-  return os.path.exists(workdir_lib.step_checksums_path(step_dir))
-
-
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   """What `verify` found: `problems` empty means every recorded file is intact."""
