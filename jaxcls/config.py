@@ -157,6 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = 0
   config.distributed.process_id = -1
   config.distributed.timeout_seconds = 300  # stop with an error if peers are not all there
+  # A process silent this long is lost: the others stop with one line (liveness.py).
+  config.distributed.peer_timeout_seconds = 30
   config.distributed.cluster_detection = "auto"  # 'auto' (see distributed.py), 'jax', 'off'
 
   # Process 0 holds <workdir>/lock.json while the run lives, renewing it every lease / 4

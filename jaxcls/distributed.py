@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxcls import liveness
 from jaxcls.errors import ConfigError, check_choice
 
 CLUSTER_DETECTION = ("auto", "jax", "off")
@@ -46,9 +47,9 @@ def check_config(dist_config) -> None:
   """config.distributed: the detection mode and the join timeout."""
   check_choice("distributed.cluster_detection", dist_config.cluster_detection,
                CLUSTER_DETECTION)
-  if dist_config.timeout_seconds <= 0:
-    raise ConfigError(f"config.distributed.timeout_seconds={dist_config.timeout_seconds} "
-                      "must be positive.")
+  for key in ("timeout_seconds", "peer_timeout_seconds"):
+    if dist_config[key] <= 0:
+      raise ConfigError(f"config.distributed.{key}={dist_config[key]} must be positive.")
 
 
 def _int_env(environ, name: str) -> int:
@@ -186,7 +187,9 @@ def initialize(dist_config, coordinator_address: str = "", num_processes: int = 
         settings.coordinator_address, num_processes=settings.num_processes,
         process_id=settings.process_id,
         local_device_ids=list(settings.local_device_ids) if settings.local_device_ids else None,
-        initialization_timeout=int(timeout_s) + _JAX_TIMEOUT_MARGIN_S)
+        initialization_timeout=int(timeout_s) + _JAX_TIMEOUT_MARGIN_S,
+        # JAX's own heartbeat aborts with a C++ stack dump: liveness.py acts first.
+        heartbeat_timeout_seconds=int(dist_config.peer_timeout_seconds) + _JAX_TIMEOUT_MARGIN_S)
   except ValueError as e:  # cluster detection found nothing, or inconsistent values
     raise ValueError(f"Could not start the multi-process run ({settings.source}): {e}") from None
   finally:
@@ -195,20 +198,20 @@ def initialize(dist_config, coordinator_address: str = "", num_processes: int = 
 
 
 def is_peer_failure(error: BaseException) -> bool:
-  """Whether `error` is the runtime reporting that another process of this run is gone."""
-  return (jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+  """Whether `error` is the runtime reporting that another process of this run is gone.
+  (A collective that fails at dispatch raises ValueError, one that fails while it runs
+  JaxRuntimeError.)"""
+  return (jax.process_count() > 1 and isinstance(error, (RuntimeError, ValueError))
           and any(marker in str(error) for marker in _PEER_FAILURE_MARKERS))
 
 
 def exit_after_lost_peer(error: BaseException, checkpoint_note: str):
-  """Ends this process at once with one line. A normal exit would run jax.distributed's
-  shutdown, which waits for the lost process until the heartbeat timeout and then aborts
-  with a C++ stack dump."""
+  """Ends this process at once with one line (liveness.exit_now says why at once)."""
   first_line = (str(error).strip().splitlines() or [""])[0][:300]
-  print(f"error: process {jax.process_index()} of {jax.process_count()} lost contact with "
-        f"another process of this run ({first_line}). {checkpoint_note} Start every process "
-        "again with the same command to resume.", file=sys.stderr, flush=True)
-  os._exit(1)
+  liveness.exit_now(
+      f"error: process {jax.process_index()} of {jax.process_count()} lost contact with "
+      f"another process of this run ({first_line}). {checkpoint_note} Start every process "
+      "again with the same command to resume.")
 
 
 def agree_on_max(value: int) -> int:

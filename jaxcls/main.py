@@ -7,6 +7,7 @@ Any config key can be overridden: `--config.batch_size=512 --config.model.name=r
 
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -56,33 +57,55 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   # Imported after flag parsing: grain worker processes read absl flags.
   from jaxcls import config as config_lib
-  from jaxcls import checkpoint, distributed, train
+  from jaxcls import checkpoint, distributed, liveness, train
   from jaxcls.errors import CheckpointError, ConfigError, DataError
 
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   try:
     config_lib.check_known_keys(config)  # before config.distributed is read
-    distributed.initialize(config.distributed, _COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value)
+    joined = distributed.initialize(config.distributed, _COORDINATOR.value,
+                                    _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ConfigError as e:
     sys.exit(f"config error: {e}")
   except ValueError as e:  # inconsistent process settings
     sys.exit(f"error: {e}")
+  watch = None
+  if joined:
+    import jax  # only now: jax.distributed has started
+    watch = liveness.watch_peers(jax.process_index(), jax.process_count(),
+                                 config.distributed.peer_timeout_seconds,
+                                 lambda: checkpoint.newest_step_note(_WORKDIR.value))
+
+  def stop(message: str):
+    if watch is None:
+      sys.exit(message)
+    # The others may be waiting for this process in a collective: tell them, and skip JAX's
+    # shutdown, which would wait for them (train.run has already finished its saves).
+    watch.fail(message)
+    liveness.exit_now(message)
+
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    stop(f"config error: {e}")
   except CheckpointError as e:
-    sys.exit(f"checkpoint error: {e}")
+    stop(f"checkpoint error: {e}")
   except DataError as e:  # an image that does not decode, reached by the pipeline
-    sys.exit(f"data error: {e}")
+    stop(f"data error: {e}")
   except FloatingPointError as e:
-    sys.exit(f"training stopped: {e}")
+    stop(f"training stopped: {e}")
   except Exception as e:
     if distributed.is_peer_failure(e):  # another process of the run died
+      if watch is not None:
+        watch.wait_for_verdict()  # it names the lost process
       distributed.exit_after_lost_peer(e, checkpoint.newest_step_note(_WORKDIR.value))
-    raise
+    if watch is None:
+      raise
+    traceback.print_exc()
+    stop(f"error: {type(e).__name__}: {e}")
+  if watch is not None:
+    watch.finish()
 
 
 if __name__ == "__main__":
