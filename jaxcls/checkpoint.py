@@ -44,8 +44,6 @@ DATA_KEYS = ("batch_size", "process_count", "data.source", "data.train_split", "
 
 def check_config(ckpt_config) -> None:
   check_at_least("checkpoint.keep", ckpt_config.keep, 1, integer=True)
-  check_at_least("checkpoint.preemption_check_steps", ckpt_config.preemption_check_steps, 1,
-                 integer=True)
   if ckpt_config.every_steps <= 0:  # every_epochs decides
     check_at_least("checkpoint.every_epochs", ckpt_config.every_epochs, 0.0, inclusive=False)
   if ckpt_config.best_mode not in ("max", "min"):

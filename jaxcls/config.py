@@ -147,7 +147,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.resume = True
   config.checkpoint.fallback_to_previous = False  # a damaged latest step: use the one before
   config.checkpoint.restart_data_on_mismatch = False  # see checkpoint.DATA_KEYS
-  config.checkpoint.preemption_check_steps = 10  # multi-process: steps between flag checks
 
   # Multi-process runs (jaxcls/distributed.py): explicit values here or the command-line
   # flags win, then JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, then the

@@ -62,7 +62,7 @@ def _run(config, workdir: str, start_time: float) -> dict:
         workdir, config.checkpoint, checkpoint.save_every_steps(config.checkpoint,
                                                                 steps_per_epoch),
         checkpoint.run_metadata(config))
-    guard = preemption.PreemptionGuard(config.checkpoint.preemption_check_steps)
+    guard = preemption.PreemptionGuard()
     try:
       with guard:  # the end of a run is as interruptible as its middle
         state, start_step = _resume_or_init(config, parts, mesh, batches, checkpointer,
@@ -123,14 +123,16 @@ def _steps(config, parts, state, start_step: int, batches, evaluate, checkpointe
   for step in range(start_step + 1, num_steps + 1):
     state, step_metrics = parts.train_step(state, next(batches))
     log.add(step, step_metrics)
-    if step % config.log_every_steps == 0 or step == num_steps:
+    logged = step % config.log_every_steps == 0 or step == num_steps
+    if logged:
       log.flush(step)
       checkpointer.record_checksums()  # of saves that finished since
     eval_results = None
     if eval_every and step % eval_every == 0 and step != num_steps:
       eval_results = evaluate(state, step)
-    stop = guard.should_stop(step)
-    if (checkpointer.should_save(step, num_steps) or stop
+    saving = checkpointer.should_save(step, num_steps)
+    stop = guard.should_stop(host_waits=logged or saving or eval_results is not None)
+    if (saving or stop
         or (eval_results and config.checkpoint.best_metric)):
       log.check_finite()  # never save a non-finite state
       blocked = checkpointer.save(step, state, batches, metrics=eval_results)

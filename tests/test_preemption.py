@@ -5,9 +5,11 @@ import json
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from helpers import assert_same_as_reference
+from jaxcls import preemption
 from runner import REFERENCE_RUN as RUN, REFERENCE_STEPS as STEPS
 from runner import completed_steps, run_main, start_main, start_processes, wait_for_line
 
@@ -31,7 +33,7 @@ def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tmp_path, reference):
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   # Saves only on the signal and at the end: the interval saves (every 4 steps) are two-process
   # commits that nothing here checks.
-  run = (*RUN, "--config.checkpoint.preemption_check_steps=2",
+  run = (*RUN, "--config.log_every_steps=2",
          f"--config.checkpoint.every_steps={STEPS}")
   procs = start_processes(tmp_path, *run)
   wait_for_line(procs[0], f"step 10/{STEPS}")
@@ -81,3 +83,14 @@ def test_sigterm_during_the_final_evaluation_saves_exits_0_and_resumes_to_the_en
   expected = json.loads((reference / "results.json").read_text())["eval"]
   assert final["accuracy"] == expected["accuracy"]
   assert final["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_several_processes_compare_flags_only_where_the_host_waits_anyway(monkeypatch):
+  """Between log steps the loop makes no host sync of its own: no all-gather is asked."""
+  gathered = []
+  monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather",
+                      lambda flag: gathered.append(int(flag)) or np.array([int(flag), 1]))
+  guard = preemption.PreemptionGuard()
+  assert not guard.should_stop(host_waits=False) and gathered == []
+  assert guard.should_stop(host_waits=True) and gathered == [0]  # the other process's signal
