@@ -98,3 +98,16 @@ def test_zero_stages_benchmark_prints_step_time_and_xla_memory_per_stage(tmp_pat
   arguments = [float(line.split("|")[4]) for line in result.stdout.splitlines()
                if line.startswith(("| 0 |", "| 3 |"))]
   assert arguments[1] < arguments[0]  # stage 3 holds half the parameters per device
+
+
+def test_training_compute_counts_flops_in_proportion_to_the_steps(tmp_path):
+  out = tmp_path / "compute.json"
+  result = run_benchmark("training_compute.py", tmp_path, "configs/default.py",
+                         "--set", "num_epochs=7.5", "--json", str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  full, half = rows["as given"], rows["num_epochs=7.5"]
+  assert (full["steps"], half["steps"]) == (1170, 585) and full["evals"] == 3
+  assert half["step_gflops"] == full["step_gflops"] > 1  # a 128-image step of the CNN
+  assert half["train_gflops"] == full["train_gflops"] / 2
+  assert "ratio overrides/as given: 0.50" in result.stdout
