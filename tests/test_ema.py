@@ -22,7 +22,7 @@ def ema_config(decay=0.2, stage=0, data=-1, fsdp=1):
   return config
 
 
-def start(config):
+def start(config, devices=None):
   """(state, compiled train step, mesh): the session's seeded initial state with its average
   (no initializer to compile again), placed on config's mesh."""
   model, schedule, tx = model_and_optimizer("resnet_tiny")  # zero_config's, as ema_config's
@@ -30,7 +30,7 @@ def start(config):
   fields = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain)}
   initial = steps.EmaTrainState(**fields, ema=jax.tree.map(
       np.copy, {"params": plain.params, "batch_stats": plain.batch_stats}))
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   abstract, shardings = build.abstract_train_state(model, tx, config, mesh)
   assert isinstance(abstract, steps.EmaTrainState)  # what a run with config.ema.decay builds
   state = jax.device_put(initial, shardings)
@@ -43,8 +43,8 @@ def host(tree):
 
 def test_the_average_follows_a_numpy_reference_through_the_warmup():
   """decay 0.2 with warmup: the decays are 0.1, 2/11, then 0.2 (the cap)."""
-  config = ema_config(decay=0.2)
-  state, train_step, mesh = start(config)
+  config = ema_config(decay=0.2, data=1)  # the average is the question: one device
+  state, train_step, mesh = start(config, jax.devices()[:1])
   variables = host({"params": state.params, "batch_stats": state.batch_stats})
   expected = jax.tree.map(lambda x: x.astype(np.float64), variables)
   for n, batch in enumerate(synthetic_batches(config, 4)):
@@ -99,9 +99,9 @@ def test_the_average_is_laid_out_like_the_parameters(stage):
 
 def test_a_resumed_run_continues_the_average_bit_for_bit(tmp_path):
   """4 steps uninterrupted vs 2, a save and a restore into a fresh process's shapes, 2 more."""
-  config = ema_config(decay=0.5)
+  config = ema_config(decay=0.5, data=1)
   batches = synthetic_batches(config, 4)
-  state, train_step, mesh = start(config)
+  state, train_step, mesh = start(config, jax.devices()[:1])
   abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                             sharding=leaf.sharding), state)
   first = jax.device_get(state)
