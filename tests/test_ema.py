@@ -1,6 +1,6 @@
 """Weight EMA: the average against a numpy reference (warmup included), laid out like the
 parameters at every ZeRO stage, resumed bit for bit from a checkpoint; a run with it reports
-ema_ metrics, exports the chosen weights and inference uses the ones asked for."""
+ema_ (and tta_) metrics, exports the chosen weights and inference uses the ones asked for."""
 
 import dataclasses
 import json
@@ -142,20 +142,23 @@ def test_a_checkpoint_refuses_a_config_that_turns_the_average_on_or_off(tmp_path
     loader.close()
 
 
-def test_a_run_with_ema_reports_both_exports_the_average_and_inference_chooses(tmp_path):
+def test_a_run_with_ema_and_tta_reports_both_exports_the_average_and_inference_chooses(
+    tmp_path):
   workdir = tmp_path / "run"
   result = run_main(workdir, "--config.model.name=resnet_tiny", "--config.model.width=8",
                     "--config.num_train_steps=6", "--config.batch_size=64",
                     "--config.eval_every_epochs=0.1", "--config.ema.decay=0.5",
-                    "--config.log_every_steps=3")
+                    "--config.log_every_steps=3", "--config.eval_tta=flip")
   assert result.returncode == 0, result.stderr[-3000:]
   final = json.loads((workdir / "eval" / "test_6.json").read_text())
   assert final["ema_num_examples"] == final["num_examples"] == 2000
   assert sum(final["ema_per_class"]["support"]) == 2000
   assert final["ema_loss"] != final["loss"]
+  assert final["ema_tta_num_examples"] == final["tta_num_examples"] == 2000
   evals = records(workdir, "eval")
-  assert evals and all("ema_accuracy" in r and "accuracy" in r for r in evals)
-  assert "ema_accuracy" in result.stdout
+  assert evals and all({"accuracy", "ema_accuracy", "tta_accuracy", "ema_tta_accuracy"} <= set(r)
+                       for r in evals)
+  assert "ema_accuracy" in result.stdout and "tta_accuracy" in result.stdout
 
   exported, info = checkpoint.load_export(str(workdir / "export"))
   assert info["weights"] == "ema"
@@ -164,11 +167,15 @@ def test_a_run_with_ema_reports_both_exports_the_average_and_inference_chooses(t
                host({"params": parts.state.ema["params"],
                      "batch_stats": parts.state.ema["batch_stats"]}))
 
-  for weights, prefix in (("ema", "ema_"), ("raw", "")):
-    again = evaluate.run(str(workdir), weights=weights)
+  for weights, prefix, tta in (("ema", "ema_", None), ("raw", "", "none")):
+    again = evaluate.run(str(workdir), weights=weights, tta=tta)
     assert again["weights"] == weights
     assert again["confusion_matrix"] == final[prefix + "confusion_matrix"], weights
     assert again["loss"] == pytest.approx(final[prefix + "loss"], rel=1e-5)
+    if tta is None:  # the run's config.eval_tta
+      assert again["tta_confusion_matrix"] == final[prefix + "tta_confusion_matrix"]
+    else:
+      assert not any(key.startswith("tta_") for key in again)
   write_image(tmp_path / "a.png", 3, size=(32, 32))
   by_weights = {weights: predict.predict(str(workdir), [str(tmp_path / "a.png")],
                                          weights=weights)[0]["top_k"]
