@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxcls import checkpoint, models, optim, resume, sharding, steps, weights
+from jaxcls import checkpoint, ema, models, optim, resume, sharding, steps, weights
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import sources
 from jaxcls.errors import CheckpointError, ConfigError
@@ -78,7 +78,8 @@ def create_optimizer(config, num_steps: int = 1, steps_per_epoch: int = 1):
 
 
 def _initializer(model, tx, config):
-  return lambda rng: steps.init_train_state(model, tx, config.data.image_size, rng)
+  return lambda rng: steps.init_train_state(model, tx, config.data.image_size, rng,
+                                            ema=ema.enabled(config))
 
 
 def state_shapes(model, tx, config):
@@ -116,6 +117,8 @@ def create_train_state(model, tx, config, mesh, log=logging.info):
     log(f"Started from the weights in {config.model.init_from}.")
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=opt_state)
+    if ema.enabled(config):  # the average starts at the loaded weights too
+      state = state.replace(ema=ema.initial(state.params, state.batch_stats))
   return state, shardings
 
 
@@ -154,10 +157,11 @@ def compile_train_step(train_step, abstract_state, state_shardings, mesh, config
 
 def compile_eval_step(eval_step, abstract_state, state_shardings, mesh, spec):
   """jit once: the batch sharded like training; the per-example outputs stay sharded like
-  the batch (jaxcls.evaluation copies each batch's to the host), the loss sum replicated."""
+  the batch (jaxcls.evaluation copies each batch's to the host), the loss sums replicated."""
   batch_sharding = sharding.batch_sharding(mesh)
-  out_shardings = {"loss": sharding.replicated(mesh), "scores": batch_sharding,
-                   "label": batch_sharding, "mask": batch_sharding}
+  outputs = jax.eval_shape(eval_step, abstract_state, spec)  # its keys: with TTA, tta_*
+  out_shardings = {key: sharding.replicated(mesh) if key.endswith("loss") else batch_sharding
+                   for key in outputs}
   jitted = jax.jit(eval_step, in_shardings=(state_shardings, _shardings_of(spec)),
                    out_shardings=out_shardings)
   return jitted.lower(abstract_state, spec).compile()
@@ -168,7 +172,8 @@ def config_train_step(config, mesh, schedule, abstract_state, state_shardings):
   return compile_train_step(
       steps.make_train_step(
           config.data, config.optim, schedule, config.grad_accum_steps,
-          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed),
+          sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed,
+          ema_config=config.ema),
       abstract_state, state_shardings, mesh, config)
 
 
@@ -192,7 +197,7 @@ def training_parts(config, mesh, num_steps: int, steps_per_epoch: int) -> Traini
   start = time.time()
   train_step = config_train_step(config, mesh, schedule, abstract_state, state_shardings)
   eval_step = compile_eval_step(
-      steps.make_eval_step(config.data), abstract_state, state_shardings, mesh,
+      steps.make_eval_step(config.data, config.eval_tta), abstract_state, state_shardings, mesh,
       batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True))
   return TrainingParts(model, tx, abstract_state, state_shardings, train_step, eval_step,
                        time.time() - start)

@@ -30,13 +30,15 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from jaxcls import distributed, integrity
+from jaxcls import distributed, ema, integrity
 from jaxcls import workdir as workdir_lib
 from jaxcls.errors import CheckpointError, ConfigError, check_at_least
 
 # Keys whose change alters the train state's structure or shapes: a checkpoint saved under
 # other values cannot be restored into this run's state.
 STATE_KEYS = ("model.name", "model.width", "model.stem", "data.num_classes")
+# The same, for keys that came later: a checkpoint without them had these values.
+LATER_STATE_KEYS = {"optim.name": "sgd", "ema.decay > 0": False}
 # Keys whose change makes the saved data position meaningless (it counts batches of a given
 # size over a given number of per-process shares).
 DATA_KEYS = ("batch_size", "process_count", "data.source", "data.train_split", "seed")
@@ -68,6 +70,8 @@ def run_metadata(config) -> dict:
     for part in key.split("."):
       node = node[part]
     values[key] = node
+  values["optim.name"] = config.optim.get("name", "sgd")
+  values["ema.decay > 0"] = ema.enabled(config)  # an EMA adds arrays to the state
   return values
 
 
@@ -186,7 +190,8 @@ class Checkpointer:
 
   def check_compatible(self, step: int, saved: dict) -> bool:
     """Raises for a state-incompatible config; returns whether the data position can follow."""
-    changed = [k for k in STATE_KEYS if saved.get(k) != self.metadata[k]]
+    saved = {**LATER_STATE_KEYS, **saved}
+    changed = [k for k in (*STATE_KEYS, *LATER_STATE_KEYS) if saved.get(k) != self.metadata[k]]
     if changed:
       details = ", ".join(f"config.{k}: checkpoint {saved.get(k)!r}, now {self.metadata[k]!r}"
                           for k in changed)

@@ -15,9 +15,9 @@ import os
 
 import ml_collections
 
-from jaxcls import checkpoint, distributed, models, optim, sharding
+from jaxcls import checkpoint, distributed, ema, models, optim, sharding, steps
 from jaxcls.data import augment, dali, image_folder, mixing, pipeline, sources, transforms
-from jaxcls.errors import ConfigError, check_at_least
+from jaxcls.errors import ConfigError, check_at_least, check_choice
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -117,16 +117,29 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1  # > 0 overrides num_epochs
 
   config.optim = ml_collections.ConfigDict()
+  # optax's 'sgd' (with momentum), 'lars' (layer-wise trust ratio, for very large batches),
+  # 'lamb' or 'adamw'; docs/guide.md "Optimizers".
+  config.optim.name = "sgd"
   config.optim.learning_rate = 0.1  # peak
   config.optim.lr_scaling = "none"  # 'linear': learning_rate * batch_size / base_batch_size
   config.optim.base_batch_size = 256
-  config.optim.schedule = "cosine"  # 'cosine', 'constant' or 'step'
+  # After the linear warmup: 'cosine' (to 0), 'constant', 'step' or 'polynomial'.
+  config.optim.schedule = "cosine"
   config.optim.warmup_epochs = 1.0
   config.optim.step_boundaries = (0.5, 0.75)  # 'step': fractions of training
   config.optim.step_decay = 0.1  # 'step': factor at each boundary
-  config.optim.momentum = 0.9
-  config.optim.nesterov = True
-  config.optim.weight_decay = 5e-4  # on kernels only, not on BatchNorm or biases
+  config.optim.polynomial_power = 2.0  # 'polynomial': (1 - t)^power from the peak ...
+  config.optim.end_learning_rate = 0.0  # ... to this at the last step
+  config.optim.momentum = 0.9  # sgd, lars
+  config.optim.nesterov = True  # sgd, lars
+  config.optim.b1 = 0.9  # lamb, adamw: decay of the first moment
+  config.optim.b2 = 0.999  # lamb, adamw: decay of the second moment
+  config.optim.eps = 1e-8  # lamb, adamw: added to the denominator; lars: to the trust ratio's
+  config.optim.trust_coefficient = 0.001  # lars: the trust ratio's factor
+  # On kernels only, not on BatchNorm or biases. sgd, lars: L2 added to the gradient (before
+  # momentum; for lars before the trust ratio); lamb: decoupled, before the trust ratio;
+  # adamw: decoupled, times the learning rate.
+  config.optim.weight_decay = 5e-4
   config.optim.label_smoothing = 0.1
   # Fine-tuning (jaxcls/optim.py): parameters whose path ('stage1_block1/conv1/kernel')
   # matches `freeze` are not updated (their BatchNorm statistics still are, in training mode);
@@ -173,6 +186,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
                                               "jaxcls", "xla")
   config.eval_top_k = (1, 5)  # top-k accuracies to report (k >= the class count is skipped)
+  # Test-time augmentation at every eval: 'flip' averages the softmax probabilities of each
+  # image and its mirror image, reported beside the plain metrics as tta_* (the same pass).
+  config.eval_tta = "none"
+
+  # Weight EMA (jaxcls/ema.py): an average of the parameters and BatchNorm statistics, kept
+  # in the train state and checkpointed; evals also report it (ema_*). 0 = off.
+  config.ema = ml_collections.ConfigDict()
+  config.ema.decay = 0.0  # e.g. 0.9998; each step: ema = d * ema + (1 - d) * weights
+  config.ema.warmup = True  # d = min(decay, (1 + step) / (10 + step))
+  # The export holds the EMA weights, and evaluate / predict use them unless --weights raw.
+  config.ema.use_for_inference = True
   return config
 
 
@@ -265,12 +289,13 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
                      dali.check_config):
     check_data(config.data)
   checkpoint.check_config(config.checkpoint)
+  ema.check_config(config.ema)
   distributed.check_config(config.distributed)
   _check_run_keys(config)
 
 
 def _check_run_keys(config) -> None:
-  """The top-level keys: run length, cadences, seed, top-k, the workdir lock's lease."""
+  """The top-level keys: run length, cadences, seed, top-k, TTA, the workdir lock's lease."""
   check_at_least("num_epochs", config.num_epochs, 0.0)
   if config.num_train_steps != -1:
     check_at_least("num_train_steps", config.num_train_steps, 1, integer=True)
@@ -280,6 +305,7 @@ def _check_run_keys(config) -> None:
   check_at_least("seed", config.seed, 0, integer=True)
   check_at_least("eval_every_epochs", config.eval_every_epochs, 0.0)
   check_at_least("lock_lease_seconds", config.lock_lease_seconds, 0.0, inclusive=False)
+  check_choice("eval_tta", config.eval_tta, steps.TTA)
   for k in config.eval_top_k:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
       raise ConfigError(f"config.eval_top_k={tuple(config.eval_top_k)!r}: each k must be a "

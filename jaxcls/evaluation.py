@@ -5,6 +5,10 @@ eval_step (build.compile_eval_step) returns each example's log-probabilities sha
 batch. Each batch's outputs are copied to the host while the next batch runs, so the devices
 never hold more than a couple of batches of scores; the exact metrics are computed once, on
 process 0, which writes them and shares the single numbers with the other processes.
+
+Other views of the same model are reported beside the plain one under a prefix: `tta_`
+(test-time augmentation, config.eval_tta: the eval step's tta_scores) and, for a run that
+keeps a weight EMA, `ema_` (a second pass with the averaged weights; `ema_tta_` with both).
 """
 
 import json
@@ -13,12 +17,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxcls import ema as ema_lib
 from jaxcls import metrics, sharding
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import pipeline
 
 # The numbers an eval's progress line shows, when the result has them.
-SHOWN = ("loss", "accuracy", "top5_accuracy", "f1_macro", "roc_auc_macro")
+SHOWN = ("loss", "accuracy", "top5_accuracy", "f1_macro", "roc_auc_macro", "tta_accuracy",
+         "ema_loss", "ema_accuracy", "ema_tta_accuracy")
 
 
 def _to_host(outputs) -> dict:
@@ -55,14 +61,37 @@ def evaluate(eval_step, state, eval_dataset, mesh, class_names, top_k=(1, 5),
     host.append(_to_host(pending))
   result = None
   if jax.process_index() == 0:
-    mask = np.concatenate([o["mask"] for o in host])
-    scores = np.concatenate([o["scores"] for o in host])[mask]
-    labels = np.concatenate([o["label"] for o in host])[mask]
-    loss_sum = float(sum(np.float64(o["loss"]) for o in host))
-    result = metrics.classification_metrics(scores, labels, class_names, top_k)
-    result["loss"] = loss_sum / max(len(labels), 1)
+    result = _score(host, "", class_names, top_k)
+    if host and "tta_scores" in host[0]:
+      result.update(with_prefix("tta_", _score(host, "tta_", class_names, top_k)))
   shared = share_from_process_0(metrics.scalar_summary(result) if result else None)
   return result if result is not None else shared
+
+
+def _score(host, prefix: str, class_names, top_k) -> dict:
+  """The metrics of one kind of scores (prefix '' or 'tta_'), padding left out."""
+  mask = np.concatenate([o["mask"] for o in host])
+  scores = np.concatenate([o[prefix + "scores"] for o in host])[mask]
+  labels = np.concatenate([o["label"] for o in host])[mask]
+  result = metrics.classification_metrics(scores, labels, class_names, top_k)
+  result["loss"] = float(sum(np.float64(o[prefix + "loss"]) for o in host)) / max(len(labels), 1)
+  return result
+
+
+def with_prefix(prefix: str, result: dict) -> dict:
+  return {prefix + key: value for key, value in result.items()}
+
+
+def evaluate_with_ema(eval_step, state, eval_dataset, mesh, class_names, top_k=(1, 5),
+                      prefetch: int = 2) -> dict:
+  """evaluate(); for a state that keeps a weight EMA, also the EMA weights' metrics, under
+  `ema_` (one more pass over the split)."""
+  result = evaluate(eval_step, state, eval_dataset, mesh, class_names, top_k, prefetch)
+  if getattr(state, "ema", None) is not None:
+    result.update(with_prefix("ema_", evaluate(
+        eval_step, ema_lib.weights_for(state, "ema"), eval_dataset, mesh, class_names, top_k,
+        prefetch)))
+  return result
 
 
 def write_result(workdir: str, split: str, step: int, result: dict) -> str:
@@ -87,8 +116,9 @@ class Evaluator:
 
   def __call__(self, state, step: int) -> dict:
     """-> the scalar metrics (what metrics.jsonl and TensorBoard get)."""
-    result = evaluate(self.eval_step, state, self.dataset, self.mesh, self.class_names,
-                      tuple(self.config.eval_top_k), self.config.data.prefetch_batches)
+    result = evaluate_with_ema(self.eval_step, state, self.dataset, self.mesh,
+                               self.class_names, tuple(self.config.eval_top_k),
+                               self.config.data.prefetch_batches)
     write_result(self.workdir, self.config.data.eval_split, step, result)
     scalars = metrics.scalar_summary(result)
     self.reporter.write(step, "eval", scalars)

@@ -1,10 +1,12 @@
-"""`python -m jaxcls.predict --workdir DIR IMAGE_OR_FOLDER... [--top_k 5] [--json]`
+"""`python -m jaxcls.predict --workdir DIR IMAGE_OR_FOLDER... [--top_k 5] [--json]
+[--weights raw|ema]`
 
 Top-k classes with probabilities for each image, from a run's checkpoint (the latest, or
 --step). Folders are searched recursively for image files, as training finds them. Images go
 through the run's eval preprocessing (decode to RGB, resize, center crop) and normalization.
 A file that cannot be read or decoded is reported by name and the others are still
-classified; the exit status is then 1.
+classified; the exit status is then 1. A run that kept a weight EMA predicts with it unless
+config.ema.use_for_inference was False or --weights raw.
 """
 
 import argparse
@@ -14,7 +16,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxcls import build, steps
+from jaxcls import build, ema, steps
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import image_folder, images, sources, transforms
 from jaxcls.errors import CheckpointError, DataError
@@ -45,7 +47,7 @@ def check_top_k(top_k: int, num_classes: int) -> int:
 
 
 def predict(workdir: str, paths, top_k: int = 5, step: int | None = None,
-            batch_size: int = 64) -> list:
+            batch_size: int = 64, weights: str | None = None) -> list:
   """-> one record per image file, in order: {"file", "step", "top_k": [...]} or, for a file
   that could not be read or decoded, {"file", "error"}."""
   k = check_top_k(top_k, workdir_lib.load_run_config(workdir).data.num_classes)
@@ -53,7 +55,8 @@ def predict(workdir: str, paths, top_k: int = 5, step: int | None = None,
   for line in not_read:
     print(f"note: not read: {line}", file=sys.stderr)
   parts = build.restore_for_inference(workdir, step)
-  config, model, state, step = parts.config, parts.model, parts.state, parts.step
+  config, model, step = parts.config, parts.model, parts.step
+  state = ema.weights_for(parts.state, weights or ema.default_weights(config))
   class_names = _class_names(workdir, config)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -93,9 +96,11 @@ def main(argv=None):
   parser.add_argument("--top_k", type=int, default=5)
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  parser.add_argument("--weights", choices=ema.WEIGHTS, default=None,
+                      help="'ema': the run's weight EMA; default: as config.ema says")
   args = parser.parse_args(argv)
   try:
-    results = predict(args.workdir, args.paths, args.top_k, args.step)
+    results = predict(args.workdir, args.paths, args.top_k, args.step, weights=args.weights)
   except (FileNotFoundError, ValueError, CheckpointError) as e:
     sys.exit(f"error: {e}")
   failed = [r for r in results if "error" in r]

@@ -280,12 +280,21 @@ class Layout:
     return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
 
   def state_shardings(self, abstract_state):
-    """A TrainState of NamedShardings for a TrainState of shapes (from jax.eval_shape)."""
-    return abstract_state.replace(
+    """A TrainState of NamedShardings for a TrainState of shapes (from jax.eval_shape).
+
+    A weight EMA (steps.EmaTrainState) is laid out as the parameters and statistics it
+    averages: the same rules, the same stage.
+    """
+    shardings = abstract_state.replace(
         step=replicated(self.mesh),
         params=self.tree_shardings(abstract_state.params, "params"),
         opt_state=self.opt_state_shardings(abstract_state.opt_state, abstract_state.params),
         batch_stats=self.tree_shardings(abstract_state.batch_stats, "batch_stats"))
+    average = getattr(abstract_state, "ema", None)
+    if average is not None:
+      shardings = shardings.replace(ema={"params": shardings.params,
+                                         "batch_stats": shardings.batch_stats})
+    return shardings
 
   def grad_shardings(self, abstract_params):
     """Where the gradients live before the update: whole over 'fsdp' (all-reduced) below

@@ -15,6 +15,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
+from jaxcls import ema as ema_lib
 from jaxcls import sharding
 from jaxcls.data import mixing
 
@@ -24,6 +25,15 @@ BATCH_AXES = sharding.BATCH_AXES
 class TrainState(train_state.TrainState):
   """params + optimizer state (from flax) plus the BatchNorm running statistics."""
   batch_stats: Any = None
+
+
+class EmaTrainState(TrainState):
+  """TrainState plus `ema`: {"params", "batch_stats"} averaged over the steps (jaxcls/ema.py).
+
+  Its own class, used only when config.ema.decay > 0, so a run without EMA keeps the tree
+  (and the checkpoints) of a plain TrainState.
+  """
+  ema: Any = None
 
 
 def normalize(images: jax.Array, mean, std) -> jax.Array:
@@ -195,11 +205,12 @@ def make_compute_grads(data_config, optim_config, grad_accum_steps: int = 1,
 
 
 def make_train_step(data_config, optim_config, schedule, grad_accum_steps: int = 1,
-                    grad_shardings=None, seed: int = 0):
+                    grad_shardings=None, seed: int = 0, ema_config=None):
   """Builds train_step(state, batch) -> (state, metrics); metrics are device scalars.
 
   The model comes with the state (its apply_fn). See make_compute_grads for grad_accum_steps
-  and grad_shardings; `seed` seeds mixup / cutmix.
+  and grad_shardings; `seed` seeds mixup / cutmix. An EmaTrainState also gets its average
+  updated after the optimizer step, with ema_config's decay (config.ema).
   """
   compute_grads = make_compute_grads(data_config, optim_config, grad_accum_steps,
                                      grad_shardings)
@@ -210,6 +221,12 @@ def make_train_step(data_config, optim_config, schedule, grad_accum_steps: int =
       batch = mixing.mix_train_batch(rng, batch, data_config)
     grads, batch_stats, metrics = compute_grads(state, batch)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if isinstance(state, EmaTrainState):
+      if ema_config is None:
+        raise ValueError("make_train_step: a state with an EMA needs ema_config (config.ema).")
+      new_state = new_state.replace(ema=ema_lib.update(
+          state.ema, new_state.params, new_state.batch_stats,
+          ema_lib.decay_at(ema_config, state.step)))
     metrics = {
         **metrics,
         "learning_rate": schedule(state.step),
@@ -220,35 +237,59 @@ def make_train_step(data_config, optim_config, schedule, grad_accum_steps: int =
   return train_step
 
 
-def make_eval_step(data_config):
+TTA = ("none", "flip")  # config.eval_tta
+
+
+def make_eval_step(data_config, tta: str = "none"):
   """Builds eval_step(state, batch) -> the batch's loss sum and every example's scores.
 
   Exact metrics (top-k, per-class, ROC-AUC) need each example's scores, so the step returns
   them with the labels and the padding mask; jaxcls.evaluation gathers and scores them. The
   scores are log-probabilities: a float32 softmax rounds confident predictions to the same
   1.0 (or 0.0), and such ties change ROC-AUC; log_softmax keeps them apart.
+
+  tta='flip' also returns `tta_loss` and `tta_scores`: the average of the softmax
+  probabilities of each image and its horizontal mirror (as log-probabilities: log of the
+  mean probability), from the same batch.
   """
   num_classes = data_config.num_classes
   mean, std = tuple(data_config.mean), tuple(data_config.std)
+  if tta not in TTA:
+    raise ValueError(f"tta={tta!r}: use one of {', '.join(TTA)}.")
 
   def eval_step(state: TrainState, batch):
     images = normalize(batch["image"], mean, std)
     labels = batch["label"]
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, images, train=False)
     mask = batch["mask"].astype(jnp.float32)
-    return {
+    scores = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    outputs = {
         "loss": jnp.sum(cross_entropy(logits, labels, num_classes) * mask),
-        "scores": jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+        "scores": scores,
         "label": labels,
         "mask": batch["mask"],
     }
+    if tta == "flip":  # images are (batch, height, width, channels)
+      mirrored = state.apply_fn(variables, images[:, :, ::-1], train=False)
+      tta_scores = jnp.logaddexp(
+          scores, jax.nn.log_softmax(mirrored.astype(jnp.float32), axis=-1)) - jnp.log(2.0)
+      label_scores = jnp.take_along_axis(tta_scores, labels[:, None], axis=-1)[:, 0]
+      outputs.update(tta_loss=-jnp.sum(label_scores * mask), tta_scores=tta_scores)
+    return outputs
 
   return eval_step
 
 
-def init_train_state(model, tx, image_size: int, rng) -> TrainState:
+def init_train_state(model, tx, image_size: int, rng, ema: bool = False) -> TrainState:
+  """The initial state; with `ema`, an EmaTrainState whose average starts at these values."""
   variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
                          train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables.get("batch_stats", flax.core.FrozenDict()))
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", flax.core.FrozenDict())
+  if not ema:
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             batch_stats=batch_stats)
+  return EmaTrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                              batch_stats=batch_stats,
+                              ema=ema_lib.initial(params, batch_stats))

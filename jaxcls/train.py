@@ -8,7 +8,7 @@ import time
 
 import jax
 
-from jaxcls import build, checkpoint, config as config_lib, evaluation, plots, preemption
+from jaxcls import build, checkpoint, config as config_lib, ema, evaluation, plots, preemption
 from jaxcls import reporter as reporter_lib, resume, runlock, sharding
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import corrupt, pipeline
@@ -79,9 +79,11 @@ def _run(config, workdir: str, start_time: float) -> dict:
                        f"{num_steps} is saved in {checkpointer.step_dir(num_steps)}. Run the "
                        "same command to evaluate and export it.")
           return {"preempted": True, "step": num_steps, "signal": guard.received}
+        weights = ema.default_weights(config)  # the export says which it holds
         checkpoint.export_variables(
-            workdir_lib.export_dir(workdir), outcome["state"],
-            checkpoint.export_info(config, train_source.class_names, num_steps))
+            workdir_lib.export_dir(workdir), ema.weights_for(outcome["state"], weights),
+            {**checkpoint.export_info(config, train_source.class_names, num_steps),
+             "weights": weights})
     finally:
       checkpointer.close()  # a pending async save completes even when training failed
 
@@ -93,7 +95,9 @@ def _run(config, workdir: str, start_time: float) -> dict:
     if is_main:
       workdir_lib.write_results(workdir, results)
       plots.write_report(workdir)
-    reporter.log(f"Done: {config.data.eval_split} accuracy {final['accuracy']:.4f} after "
+    also = "".join(f", {name} {final[name]:.4f}" for name in
+                   ("tta_accuracy", "ema_accuracy", "ema_tta_accuracy") if name in final)
+    reporter.log(f"Done: {config.data.eval_split} accuracy {final['accuracy']:.4f}{also} after "
                  f"{num_steps} steps; {reporter_lib.format_duration(results['total_seconds'])} "
                  "in all.")
     return results
