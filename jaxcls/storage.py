@@ -91,9 +91,10 @@ def write_whole(path, data: bytes | str) -> None:
 def create_new(path, text: str) -> None:
   """Creates the file with `text`, or raises FileExistsError when it exists (O_EXCL
   locally; a create-only-if-absent upload in an object store)."""
-  if is_remote(path):
-    with as_path(path).open("x") as f:
-      f.write(text)
+  if is_remote(path):  # epath has no 'x' mode; fsspec's is the store's precondition
+    fs, key = fsspec.core.url_to_fs(os.fspath(path))
+    with fs.open(key, "xb") as f:
+      f.write(text.encode())
     return
   fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   with os.fdopen(fd, "w", encoding="utf-8") as f:
