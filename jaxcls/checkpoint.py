@@ -212,7 +212,7 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"jaxcls_set_aside_{step}")
     self.manager.reload()
-    return target
+    return str(target)
 
   def record_checksums(self) -> None:
     """Starts writing the checksums of the steps saved here that are final by now.
