@@ -223,7 +223,7 @@ def inference_config(config):
   return config
 
 
-def restore_for_inference(workdir: str, step: int | None = None) -> InferenceParts:
+def restore_for_inference(workdir, step: int | None = None) -> InferenceParts:
   """The latest checkpoint of the run in workdir (or `step`), resharded onto this host.
 
   Safe on a run that is still training: the checkpoint manager is read-only (it never
@@ -234,7 +234,7 @@ def restore_for_inference(workdir: str, step: int | None = None) -> InferencePar
   directory = workdir_lib.checkpoints_dir(workdir)
   # Checked before orbax opens the directory: its manager would create it, and its background
   # clean-up of temporary steps fails noisily when the process exits on this error.
-  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
     raise CheckpointError(f"No checkpoint in {directory}: the run in {workdir} has saved "
                           "none (it has only its config); train it, or pick a run that saved "
                           "one.")

@@ -19,7 +19,6 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
-import shutil
 import time
 
 import grain
@@ -30,7 +29,7 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from jaxcls import distributed, ema, integrity
+from jaxcls import distributed, ema, integrity, storage
 from jaxcls import workdir as workdir_lib
 from jaxcls.errors import CheckpointError, ConfigError, check_at_least
 
@@ -82,7 +81,7 @@ class Checkpointer:
   predict): such a manager never creates, cleans up or deletes anything in the directory.
   """
 
-  def __init__(self, workdir: str, ckpt_config, save_every_steps: int, metadata: dict,
+  def __init__(self, workdir, ckpt_config, save_every_steps: int, metadata: dict,
                read_only: bool = False):
     self.workdir = workdir
     self.directory = workdir_lib.checkpoints_dir(workdir)
@@ -137,8 +136,8 @@ class Checkpointer:
     self._save_bytes = self._next_save_bytes(state)
     # Refused before it starts: a save that runs out of space midway leaves orbax's write
     # threads failing one after another (each printing a traceback).
-    free = shutil.disk_usage(self.directory).free
-    if distributed.agree_on_max(int(free < self._save_bytes)):
+    free = storage.free_bytes(self.directory)  # None in a bucket: no disk to fill
+    if distributed.agree_on_max(int(free is not None and free < self._save_bytes)):
       raise self._disk_full_error()
     with self._disk_full_is_one_line():
       self.manager.save(
@@ -177,7 +176,7 @@ class Checkpointer:
     kept = [s for s in self.manager.all_steps() if s != self._saving_step]
     kept_text = (f"the last complete checkpoint, step {max(kept)}, is kept in "
                  f"{self.step_dir(max(kept))}" if kept else "no checkpoint was complete yet")
-    free = shutil.disk_usage(self.directory).free
+    free = storage.free_bytes(self.directory) or 0
     return CheckpointError(
         f"Disk full while saving step {self._saving_step} to {self.directory} ({_size(free)} "
         f"free): a save needs about {_size(self._save_bytes)}. Nothing "
@@ -212,11 +211,11 @@ class Checkpointer:
     """Moves a damaged step out of the way (never deletes it) so later saves can use the name."""
     target = workdir_lib.damaged_checkpoint_dir(self.workdir, step, int(time.time()))
     if jax.process_index() == 0:
-      shutil.move(self.step_dir(step), target)
+      storage.move(self.step_dir(step), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"jaxcls_set_aside_{step}")
     self.manager.reload()
-    return target
+    return str(target)
 
   def record_checksums(self) -> None:
     """Starts writing the checksums of the steps saved here that are final by now.

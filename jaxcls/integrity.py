@@ -7,7 +7,8 @@ compares the files with it, so damage is found at restore, named by file, and
 `checkpoint.fallback_to_previous` can take the step before.
 
 A step saved by a run that was killed before its checksums were written has no record: it
-is restored unverified (the caller says so).
+is restored unverified (the caller says so). In a bucket the sizes come from one listing and
+every file is read back once to compute its CRC-32 (a download of the step).
 """
 
 import dataclasses
@@ -15,44 +16,42 @@ import json
 import os
 import zlib
 
+from jaxcls import storage
 from jaxcls import workdir as workdir_lib
 
 _CHUNK = 1 << 22
 
 
-def file_crc32(path: str) -> int:
+def file_crc32(path) -> int:
   crc = 0
-  with open(path, "rb") as f:
+  with storage.as_path(path).open("rb") as f:
     while chunk := f.read(_CHUNK):
       crc = zlib.crc32(chunk, crc)
   return crc
 
 
-def _step_files(step_dir: str) -> list[str]:
-  """Every file under step_dir, relative to it, but the checksum record itself."""
-  record = os.path.basename(workdir_lib.step_checksums_path(step_dir))
-  files = []
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      relative = os.path.relpath(os.path.join(root, name), step_dir)
-      if relative != record:
-        files.append(relative)
-  return sorted(files)
+def _step_files(step_dir) -> dict[str, int]:
+  """{file relative to step_dir: size} of every file of the step but the checksum record."""
+  record = workdir_lib.step_checksums_path(step_dir).name
+  return {relative: size for relative, size in storage.files_under(step_dir).items()
+          if relative != record}
 
 
-def write_checksums(step_dir: str) -> dict:
+def write_checksums(step_dir) -> dict:
   """Records {file: [size, crc32]} for every file of a finalized step; returns the record."""
-  files = {}
-  for relative in _step_files(step_dir):
-    path = os.path.join(step_dir, relative)
-    files[relative] = [os.path.getsize(path), file_crc32(path)]
+  step_dir = storage.as_path(step_dir)
+  files = {relative: [size, file_crc32(step_dir / relative)]
+           for relative, size in sorted(_step_files(step_dir).items())}
   record = {"algorithm": "crc32", "files": files}
   workdir_lib.write_json(workdir_lib.step_checksums_path(step_dir), record)
   return record
 
 
-def disk_bytes(step_dir: str) -> int:
-  """The space a step's files take on disk (allocated blocks, as du counts them)."""
+def disk_bytes(step_dir) -> int:
+  """The space a step's files take on disk (allocated blocks, as du counts them; in an
+  object store, their sizes)."""
+  if storage.is_remote(step_dir):
+    return sum(storage.files_under(step_dir).values())
   total = 0
   for root, _, names in os.walk(step_dir):
     for name in names:
@@ -79,25 +78,26 @@ class Verdict:
     return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def verify(step_dir: str) -> Verdict:
+def verify(step_dir) -> Verdict:
   """Compares a step's files with its checksum record: missing, truncated or changed files."""
-  if not os.path.isdir(step_dir):
+  step_dir = storage.as_path(step_dir)
+  if not step_dir.is_dir():
     return Verdict(verified=False, problems=(f"{step_dir} is missing",))
   path = workdir_lib.step_checksums_path(step_dir)
-  if not os.path.exists(path):
+  if not path.exists():
     return Verdict(verified=False)
   try:
-    with open(path, encoding="utf-8") as f:
-      recorded = json.load(f)["files"]
+    recorded = json.loads(path.read_text(encoding="utf-8"))["files"]
   except (ValueError, KeyError, TypeError) as e:
     return Verdict(verified=True, problems=(f"{path} is unreadable ({e})",))
+  present = _step_files(step_dir)  # one listing, not a request per file in a bucket
   problems = []
   for relative, (size, crc) in sorted(recorded.items()):
-    file = os.path.join(step_dir, relative)
-    if not os.path.exists(file):
+    file = step_dir / relative
+    if relative not in present:
       problems.append(f"{file} is missing")
-    elif os.path.getsize(file) != size:
-      problems.append(f"{file} has {os.path.getsize(file)} bytes, {size} were written")
+    elif present[relative] != size:
+      problems.append(f"{file} has {present[relative]} bytes, {size} were written")
     elif file_crc32(file) != crc:
       problems.append(f"{file} changed since it was written (CRC-32 differs)")
   return Verdict(verified=True, problems=tuple(problems))

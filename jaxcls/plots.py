@@ -4,15 +4,22 @@ Everything is read back from metrics.jsonl and eval/*.json, so a report can be d
 time, also while training runs or after it was killed (`python -m jaxcls.report --workdir`).
 """
 
-import os
+import io
 
 # Figures without pyplot: no display or backend needed, and a notebook's own backend
 # (inline plots) is left alone.
 from matplotlib.figure import Figure
 import numpy as np
 
-from jaxcls import metrics
+from jaxcls import metrics, storage
 from jaxcls import workdir as workdir_lib
+
+
+def _save(fig, path) -> None:
+  """The figure as a PNG at path, locally or in a bucket (one upload)."""
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
+  storage.as_path(path).write_bytes(png.getvalue())
 
 
 def _curve(path, title, ylabel, series):
@@ -30,7 +37,7 @@ def _curve(path, title, ylabel, series):
   if ax.get_legend_handles_labels()[0]:
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
+  _save(fig, path)
 
 
 def _confusion(path, result):
@@ -55,7 +62,7 @@ def _confusion(path, result):
   ax.set_ylabel("true")
   ax.set_title(f"Confusion matrix ({result['split']}, step {result['step']})")
   fig.tight_layout()
-  fig.savefig(path)
+  _save(fig, path)
 
 
 def _recall_bars(path, result):
@@ -71,12 +78,12 @@ def _recall_bars(path, result):
   ax.set_title(f"Per-class recall ({result['split']}, step {result['step']})")
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path)
+  _save(fig, path)
 
 
-def write_report(workdir: str) -> list:
+def write_report(workdir) -> list:
   """Draws every plot the files allow and summary.md; returns the paths written."""
-  os.makedirs(workdir_lib.report_dir(workdir), exist_ok=True)
+  workdir_lib.report_dir(workdir).mkdir(parents=True, exist_ok=True)
   records = workdir_lib.read_metrics(workdir)
   train, evals = records.get("train", []), records.get("eval", [])
   written = []
@@ -98,14 +105,13 @@ def write_report(workdir: str) -> list:
     _confusion(target("confusion_matrix"), result)
     _recall_bars(target("per_class_recall"), result)
 
-  lines = [f"# Report: {os.path.abspath(workdir)}", ""]
+  lines = [f"# Report: {storage.absolute(workdir)}", ""]
   if result is not None:
     lines += [f"Evaluation of split `{result['split']}` at step {result['step']}:", "",
               "```", metrics.format_table(result), "```", ""]
   else:
     lines += ["No evaluation yet.", ""]
-  lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in written]
+  lines += [f"![{p.name}]({p.name})" for p in written]
   summary = workdir_lib.report_summary_path(workdir)
-  with open(summary, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
   return written + [summary]

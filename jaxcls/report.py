@@ -15,7 +15,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description="Draw the report of a jaxcls run.")
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
-  if not workdir_lib.is_run_dir(args.workdir):
+  try:
+    is_run = workdir_lib.is_run_dir(args.workdir)
+  except ValueError as e:  # a bucket whose backend is not installed
+    sys.exit(f"error: {e}")
+  if not is_run:
     sys.exit(f"error: {workdir_lib.metrics_path(args.workdir)} does not exist: is it a run's "
              "--workdir?")
   for path in plots.write_report(args.workdir):

@@ -32,7 +32,7 @@ def format_duration(seconds: float) -> str:
 class Reporter:
   """Writes one record per (step, split) to JSONL and TensorBoard, and prints progress."""
 
-  def __init__(self, workdir: str, total_steps: int, enabled: bool = True, stream=sys.stdout):
+  def __init__(self, workdir, total_steps: int, enabled: bool = True, stream=sys.stdout):
     self.workdir = workdir
     self.total_steps = total_steps
     self.enabled = enabled
@@ -41,9 +41,10 @@ class Reporter:
     self._tb = None
     if enabled:
       self._jsonl = workdir_lib.open_metrics_log(workdir)
-      # tensorboardX writes standard event files without needing TensorFlow.
+      # tensorboardX writes standard event files without needing TensorFlow; to gs:// with
+      # google-cloud-storage (each flush uploads the event file again), to s3:// with boto3.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (slow)
-      self._tb = SummaryWriter(workdir_lib.tensorboard_dir(workdir))
+      self._tb = SummaryWriter(str(workdir_lib.tensorboard_dir(workdir)))
 
   def truncate_after(self, step: int) -> None:
     """Keeps the records up to `step` (see workdir.truncate_metrics)."""

@@ -8,12 +8,10 @@ verdict; the outcome of each restore is agreed over all processes, so none waits
 that saw an error. A run never starts again from step 0 on its own.
 """
 
-import os
-
 import grain
 import jax
 
-from jaxcls import checkpoint, distributed, integrity
+from jaxcls import checkpoint, distributed, integrity, storage
 from jaxcls.errors import CheckpointError
 
 # Markers of a read that failed because the stored bytes are wrong, not because storage was
@@ -23,13 +21,11 @@ _DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION"
 _REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
 
 
-def _missing_items(step_dir: str) -> str | None:
+def _missing_items(step_dir) -> str | None:
   """What a step lacks of orbax's items (an empty, half-deleted or stray step directory)."""
-  missing = [name for name in _REQUIRED_FILES
-             if not os.path.isfile(os.path.join(step_dir, name))
-             or os.path.getsize(os.path.join(step_dir, name)) == 0]
-  data_dir = os.path.join(step_dir, "data")
-  if not os.path.isdir(data_dir) or not os.listdir(data_dir):
+  files = storage.files_under(step_dir)  # one listing, also in a bucket
+  missing = [name for name in _REQUIRED_FILES if not files.get(name)]
+  if not any(name.startswith("data/") for name in files):
     missing.append("data/ (the data position)")
   if missing:
     return f"{step_dir} is incomplete: {', '.join(missing)} missing or empty"

@@ -2,10 +2,15 @@
 
 Two runs writing one workdir would truncate each other's metrics.jsonl and interleave their
 checkpoints. Process 0 of a run creates `<workdir>/lock.json` (host, pid, start time, a
-token) with O_EXCL and renews it every lease / 4 seconds. A second run finds it and stops at
-once naming the holder. A holder that is gone does not block a restart after a crash or a
+token) only if it does not exist (O_EXCL; in a bucket, an upload with a
+create-only-if-absent precondition: storage.create_new) and renews it every lease / 4
+seconds. A second run finds it and stops at once naming the holder. A holder that is gone does not block a restart after a crash or a
 preemption: on the same host, a pid that is no longer alive (or is now another process);
 from another host, a lock not renewed within its lease.
+
+In a bucket the renewal is a plain overwrite after reading the token back, as it is locally,
+so two runs that take over the same stale lock at the same moment may both start; the
+create-only-if-absent upload keeps the common case (a second run while the first lives) out.
 """
 
 import contextlib
@@ -21,6 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxcls import storage
 from jaxcls import workdir as workdir_lib
 from jaxcls.errors import ConfigError
 
@@ -71,7 +77,7 @@ def describe(holder: dict) -> str:
 class RunLock:
   """Held by process 0 of a run from before its first write to the workdir until it ends."""
 
-  def __init__(self, workdir: str, lease_seconds: float, log=print):
+  def __init__(self, workdir, lease_seconds: float, log=print):
     self.path = workdir_lib.lock_path(workdir)
     self.workdir = workdir
     self.lease_seconds = float(lease_seconds)
@@ -88,20 +94,19 @@ class RunLock:
 
   def _read(self) -> dict | None:
     try:
-      with open(self.path, encoding="utf-8") as f:
-        return json.load(f)
+      return json.loads(self.path.read_text(encoding="utf-8"))
     except FileNotFoundError:
       return None
     except ValueError:  # a holder killed while creating it: judge by the file's age
-      return {"renewed": os.path.getmtime(self.path), "lease_seconds": self.lease_seconds,
+      return {"renewed": storage.mtime(self.path), "lease_seconds": self.lease_seconds,
               "host": None, "pid": None, "started": "unknown"}
 
   def acquire(self) -> None:
-    os.makedirs(self.workdir, exist_ok=True)
+    storage.as_path(self.workdir).mkdir(parents=True, exist_ok=True)
     self.record = self._record()
     for _ in range(3):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        storage.create_new(self.path, json.dumps(self.record))
       except FileExistsError:
         holder = self._read()
         if holder is None:
@@ -115,13 +120,14 @@ class RunLock:
         self.log(f"Taking over the workdir from a run that ended without releasing it "
                  f"({describe(holder)}: {reason}).")
         try:
-          os.replace(self.path, f"{self.path}.stale.{os.getpid()}")
-          os.unlink(f"{self.path}.stale.{os.getpid()}")
+          if storage.is_remote(self.path):
+            self.path.unlink()
+          else:
+            os.replace(self.path, f"{self.path}.stale.{os.getpid()}")
+            os.unlink(f"{self.path}.stale.{os.getpid()}")
         except FileNotFoundError:
           pass  # another starting run took it over first; the next try finds its lock
         continue
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(self.record, f)
       self._thread = threading.Thread(target=self._renew, daemon=True, name="jaxcls-runlock")
       self._thread.start()
       return
@@ -146,7 +152,7 @@ class RunLock:
       self._thread = None
       holder = self._read()
       if holder is not None and holder.get("token") == self.token:
-        os.unlink(self.path)
+        self.path.unlink()
 
   def __enter__(self):
     self.acquire()
@@ -157,7 +163,7 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, lease_seconds: float, log=print):
+def hold(workdir, lease_seconds: float, log=print):
   """The run's hold on workdir: process 0 takes the lock, every process learns the outcome
   (so a refused run stops on all of them, and none waits for a peer that left)."""
   lock = RunLock(workdir, lease_seconds, log) if jax.process_index() == 0 else None

@@ -9,20 +9,24 @@
     lock.json                the live run that holds this directory (runlock.py)
     checkpoints/<step>/checksums.json   size and CRC-32 of each file of the step (integrity.py)
 
-Every other module asks here for a path or a record, so the layout can change in one place.
-JSON files are written atomically (temporary file, then rename): a crash never leaves half a
-file, and a reader never sees one.
+Every other module asks here for a path (an `etils.epath.Path`, local or in a bucket: see
+storage.py) or a record, so the layout can change in one place. JSON files are written so a
+crash never leaves half a file and a reader never sees one: locally a temporary file and a
+rename; in an object store one upload, which appears whole or not at all (a rename there is
+a copy and a delete, which a reader could catch half done).
 """
 
-import glob
 import hashlib
 import json
 import os
 import re
 import tempfile
+import uuid
 
+from etils import epath
 import ml_collections
 
+from jaxcls import storage
 from jaxcls.errors import ConfigError
 
 _CONFIG = "config.json"
@@ -39,6 +43,7 @@ _EXPORT_VARIABLES = "variables"
 _EXPORT_INFO = "model.json"
 _LOCK = "lock.json"
 _STEP_CHECKSUMS = "checksums.json"
+_WRITE_PROBE = ".jaxcls-write-probe"  # check_usable's test write in an object store
 # Characters that etils' local glob (which orbax uses to find the per-process files it merges
 # into a step) reads as a pattern even inside the directory part of a path.
 _GLOB_CHARACTERS = "[]*?"
@@ -46,108 +51,118 @@ _GLOB_CHARACTERS = "[]*?"
 
 # Paths.
 
-def config_path(workdir: str) -> str:
-  return os.path.join(workdir, _CONFIG)
+def _in(workdir, *names) -> epath.Path:
+  return storage.as_path(workdir).joinpath(*names)
 
 
-def classes_path(workdir: str) -> str:
-  return os.path.join(workdir, _CLASSES)
+def config_path(workdir) -> epath.Path:
+  return _in(workdir, _CONFIG)
 
 
-def metrics_path(workdir: str) -> str:
-  return os.path.join(workdir, _METRICS)
+def classes_path(workdir) -> epath.Path:
+  return _in(workdir, _CLASSES)
 
 
-def results_path(workdir: str) -> str:
-  return os.path.join(workdir, _RESULTS)
+def metrics_path(workdir) -> epath.Path:
+  return _in(workdir, _METRICS)
 
 
-def skipped_examples_path(workdir: str) -> str:
-  return os.path.join(workdir, _SKIPPED)
+def results_path(workdir) -> epath.Path:
+  return _in(workdir, _RESULTS)
 
 
-def tensorboard_dir(workdir: str) -> str:
-  return os.path.join(workdir, _TENSORBOARD_DIR)
+def skipped_examples_path(workdir) -> epath.Path:
+  return _in(workdir, _SKIPPED)
 
 
-def eval_path(workdir: str, split: str, step: int) -> str:
-  return os.path.join(workdir, _EVAL_DIR, f"{split}_{step}.json")
+def tensorboard_dir(workdir) -> epath.Path:
+  return _in(workdir, _TENSORBOARD_DIR)
 
 
-def checkpoints_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, _CHECKPOINTS_DIR))
+def eval_path(workdir, split: str, step: int) -> epath.Path:
+  return _in(workdir, _EVAL_DIR, f"{split}_{step}.json")
 
 
-def step_checksums_path(step_dir: str) -> str:
+def checkpoints_dir(workdir) -> epath.Path:
+  return storage.absolute(_in(workdir, _CHECKPOINTS_DIR))
+
+
+def step_checksums_path(step_dir) -> epath.Path:
   """The record of a checkpoint step's files, inside the step (moved and deleted with it)."""
-  return os.path.join(step_dir, _STEP_CHECKSUMS)
+  return _in(step_dir, _STEP_CHECKSUMS)
 
 
-def lock_path(workdir: str) -> str:
-  return os.path.join(workdir, _LOCK)
+def lock_path(workdir) -> epath.Path:
+  return _in(workdir, _LOCK)
 
 
-def orbax_path(directory: str) -> str:
+def orbax_path(directory) -> epath.Path:
   """`directory` (absolute), or a link to it whose path orbax can use.
 
   orbax finds the files it merges into a step with etils' glob, which reads `[x]`, `*` or `?`
   in the directory part as a pattern: a run under `runs/[x]` would save steps that cannot be
-  restored. Such a directory is handed to orbax through a symbolic link (in the temporary
-  directory, named by a hash of the path); the files themselves stay in `directory`.
+  restored. Such a local directory is handed to orbax through a symbolic link (in the
+  temporary directory, named by a hash of the path); the files themselves stay in
+  `directory`. A bucket has no links: check_usable refuses such a workdir there.
   """
+  if storage.is_remote(directory):
+    return storage.as_path(directory)
   directory = os.path.abspath(directory)
   if not any(c in directory for c in _GLOB_CHARACTERS):
-    return directory
+    return epath.Path(directory)
   links = os.path.join(tempfile.gettempdir(), f"jaxcls-paths-{os.getuid()}")
   os.makedirs(links, exist_ok=True)
   os.makedirs(directory, exist_ok=True)  # a link to nothing would stop orbax creating it
   link = os.path.join(links, hashlib.sha256(directory.encode()).hexdigest()[:24])
   if os.path.islink(link) and os.readlink(link) == directory:
-    return link
+    return epath.Path(link)
   tmp = f"{link}.{os.getpid()}"
   os.symlink(directory, tmp)
   os.replace(tmp, link)  # atomic: another process of the run may be making the same link
-  return link
+  return epath.Path(link)
 
 
-def damaged_checkpoint_dir(workdir: str, step: int, timestamp: int) -> str:
-  return os.path.abspath(os.path.join(workdir, f"damaged_checkpoint_{step}_{timestamp}"))
+def damaged_checkpoint_dir(workdir, step: int, timestamp: int) -> epath.Path:
+  return storage.absolute(_in(workdir, f"damaged_checkpoint_{step}_{timestamp}"))
 
 
-def export_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, _EXPORT_DIR))
+def export_dir(workdir) -> epath.Path:
+  return storage.absolute(_in(workdir, _EXPORT_DIR))
 
 
-def export_variables_dir(directory: str) -> str:
+def export_variables_dir(directory) -> epath.Path:
   """The orbax checkpoint of params and BatchNorm statistics inside an export directory."""
-  return os.path.join(os.path.abspath(directory), _EXPORT_VARIABLES)
+  return storage.absolute(directory) / _EXPORT_VARIABLES
 
 
-def export_info_path(directory: str) -> str:
+def export_info_path(directory) -> epath.Path:
   """The JSON describing an export (model, classes, preprocessing)."""
-  return os.path.join(directory, _EXPORT_INFO)
+  return _in(directory, _EXPORT_INFO)
 
 
-def report_dir(workdir: str) -> str:
-  return os.path.join(workdir, _REPORT_DIR)
+def report_dir(workdir) -> epath.Path:
+  return _in(workdir, _REPORT_DIR)
 
 
-def report_plot_path(workdir: str, plot: str) -> str:
+def report_plot_path(workdir, plot: str) -> epath.Path:
   """report/<plot>.png, e.g. plot='loss'."""
-  return os.path.join(report_dir(workdir), f"{plot}.png")
+  return report_dir(workdir) / f"{plot}.png"
 
 
-def report_summary_path(workdir: str) -> str:
-  return os.path.join(report_dir(workdir), "summary.md")
+def report_summary_path(workdir) -> epath.Path:
+  return report_dir(workdir) / "summary.md"
 
 
 # Checks.
 
-def check_usable(workdir: str) -> None:
+def check_usable(workdir) -> None:
   """A ConfigError, before anything compiles, for a workdir a run cannot write to."""
-  if not workdir:
+  if not os.fspath(workdir):
     raise ConfigError("--workdir is empty: give the directory the run writes to, e.g. "
                       "--workdir runs/default.")
+  if storage.is_remote(workdir):
+    _check_bucket_usable(workdir)
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file, not a directory: give a directory "
                       "(it is created if missing).")
@@ -169,10 +184,32 @@ def check_usable(workdir: str) -> None:
                       "this user can write to.") from None
 
 
+def _check_bucket_usable(workdir) -> None:
+  """The bucket's backend is installed, the path has no glob characters (orbax_path), and a
+  small object can be written and deleted there."""
+  storage.check_reachable(workdir, "--workdir")
+  if any(c in os.fspath(workdir) for c in _GLOB_CHARACTERS):
+    raise ConfigError(f"--workdir {workdir}: orbax reads {_GLOB_CHARACTERS} in a bucket path "
+                      "as a pattern, and its checkpoints could not be restored; choose a "
+                      "path without them.")
+  probe = _in(workdir, f"{_WRITE_PROBE}-{uuid.uuid4().hex}")
+  try:
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # gcsfs and s3fs raise their own types for a missing bucket, a 403
+    raise ConfigError(f"--workdir {workdir} is not writable: {type(e).__name__}: "
+                      f"{str(e)[:300]}. Check that the bucket exists and that these "
+                      "credentials may write to it.") from None
+
+
 # Writing.
 
-def write_json(path: str, payload: dict) -> None:
-  """Writes JSON atomically (temp file + rename) so a crash never leaves half a file."""
+def write_json(path, payload: dict) -> None:
+  """Writes JSON so a crash never leaves half a file: locally a temporary file and a rename,
+  in an object store one upload (see the module docstring)."""
+  if storage.is_remote(path):
+    storage.write_whole(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -181,25 +218,25 @@ def write_json(path: str, payload: dict) -> None:
   os.replace(tmp, path)
 
 
-def write_config(workdir: str, config) -> None:
+def write_config(workdir, config) -> None:
   write_json(config_path(workdir), config.to_dict())
 
 
-def write_classes(workdir: str, class_names) -> None:
+def write_classes(workdir, class_names) -> None:
   write_json(classes_path(workdir), {"class_names": list(class_names)})
 
 
-def write_results(workdir: str, results: dict) -> None:
+def write_results(workdir, results: dict) -> None:
   write_json(results_path(workdir), results)
 
 
-def write_skipped_examples(workdir: str, payload: dict) -> str:
+def write_skipped_examples(workdir, payload: dict) -> epath.Path:
   path = skipped_examples_path(workdir)
   write_json(path, payload)
   return path
 
 
-def write_eval(workdir: str, split: str, step: int, result: dict) -> str:
+def write_eval(workdir, split: str, step: int, result: dict) -> epath.Path:
   """eval/<split>_<step>.json; returns the path."""
   path = eval_path(workdir, split, step)
   write_json(path, {"split": split, "step": step, **result})
@@ -211,49 +248,73 @@ def json_line(record: dict) -> str:
   return json.dumps(record) + "\n"
 
 
-def open_metrics_log(workdir: str):
-  """metrics.jsonl opened for appending, one JSON record a line (see `truncate_metrics`)."""
+def open_metrics_log(workdir):
+  """metrics.jsonl opened for appending, one JSON record a line (see `truncate_metrics`).
+
+  An object store cannot append: there the log keeps the file's text and uploads it whole at
+  each flush (a reader sees the previous upload until then)."""
+  if storage.is_remote(workdir):
+    return _UploadedLog(metrics_path(workdir))
   os.makedirs(workdir, exist_ok=True)
   return open(metrics_path(workdir), "a", encoding="utf-8")
 
 
-def truncate_metrics(workdir: str, step: int) -> None:
+class _UploadedLog:
+  """An appendable text file in an object store: written whole at each flush and at close."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self._text = path.read_text(encoding="utf-8") if path.exists() else ""
+    self._uploaded = len(self._text)
+
+  def write(self, text: str) -> None:
+    self._text += text
+
+  def flush(self) -> None:
+    if len(self._text) != self._uploaded:
+      storage.write_whole(self.path, self._text)
+      self._uploaded = len(self._text)
+
+  def close(self) -> None:
+    self.flush()
+
+
+def truncate_metrics(workdir, step: int) -> None:
   """Keeps the records of metrics.jsonl up to `step`, atomically.
 
   A resumed run replays the steps after its checkpoint and writes them again, and a killed
   run may have left half a line at the end.
   """
   path = metrics_path(workdir)
-  if not os.path.exists(path):
+  if not path.exists():
     return
   kept = []
-  with open(path, encoding="utf-8") as f:
+  with path.open(encoding="utf-8") as f:
     for line in f:
       try:
         if json.loads(line)["step"] <= step:
           kept.append(line if line.endswith("\n") else line + "\n")
       except (ValueError, KeyError):
         continue  # the partial last line of a killed run
-  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(f"{path}.tmp", path)
+  storage.write_whole(path, "".join(kept))
 
 
 # Reading.
 
-def is_run_dir(workdir: str) -> bool:
+def is_run_dir(workdir) -> bool:
   """Whether a run has written its metrics here (what the report command needs)."""
-  return os.path.exists(metrics_path(workdir))
+  storage.check_reachable(workdir, "--workdir")
+  return metrics_path(workdir).exists()
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+def load_run_config(workdir) -> ml_collections.ConfigDict:
   """The config a run was trained with (config.json)."""
+  storage.check_reachable(workdir, "--workdir")
   path = config_path(workdir)
-  if not os.path.exists(path):
+  if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {workdir} the --workdir of a run?")
   try:
-    with open(path, encoding="utf-8") as f:
-      loaded = json.load(f)
+    loaded = json.loads(path.read_text(encoding="utf-8"))
   except ValueError as e:  # not JSON (cut short, overwritten) or not UTF-8
     raise ValueError(f"{path} cannot be read as the run's config ({e}): the file is damaged; "
                      "put back a copy (training writes it at the start of each run).") from None
@@ -263,22 +324,21 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(loaded)
 
 
-def read_class_names(workdir: str) -> list | None:
+def read_class_names(workdir) -> list | None:
   """The label names training wrote, or None for a run that has not written them."""
   path = classes_path(workdir)
-  if not os.path.exists(path):
+  if not path.exists():
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)["class_names"]
+  return json.loads(path.read_text(encoding="utf-8"))["class_names"]
 
 
-def read_metrics(workdir: str) -> dict:
+def read_metrics(workdir) -> dict:
   """split -> list of records, the last record of each step winning (a resume replays steps)."""
   by_split: dict = {}
   path = metrics_path(workdir)
-  if not os.path.exists(path):
+  if not path.exists():
     return by_split
-  with open(path, encoding="utf-8") as f:
+  with path.open(encoding="utf-8") as f:
     for line in f:
       try:
         record = json.loads(line)
@@ -288,19 +348,17 @@ def read_metrics(workdir: str) -> dict:
   return {split: [steps[s] for s in sorted(steps)] for split, steps in by_split.items()}
 
 
-def latest_eval(workdir: str) -> dict | None:
+def latest_eval(workdir) -> dict | None:
   """The eval JSON with the highest step, or None."""
   steps = {}
-  for path in glob.glob(os.path.join(workdir, _EVAL_DIR, "*.json")):
-    match = re.fullmatch(r".+_(\d+)\.json", os.path.basename(path))
+  for path in _in(workdir, _EVAL_DIR).glob("*.json"):
+    match = re.fullmatch(r".+_(\d+)\.json", path.name)
     if match:
       steps[path] = int(match.group(1))
   if not steps:
     return None
-  with open(max(steps, key=steps.get), encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(max(steps, key=steps.get).read_text(encoding="utf-8"))
 
 
-def read_export_info(directory: str) -> dict:
-  with open(export_info_path(directory), encoding="utf-8") as f:
-    return json.load(f)
+def read_export_info(directory) -> dict:
+  return json.loads(export_info_path(directory).read_text(encoding="utf-8"))

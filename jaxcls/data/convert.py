@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from jaxcls import storage
 from jaxcls import workdir as workdir_lib  # its atomic JSON write
 from jaxcls.data import cores
 from jaxcls.data import image_folder
@@ -47,10 +48,12 @@ _worker_state = {}  # per process: the open source and the options (see _start_w
 
 
 def open_source(src: str):
-  """An image folder (root/<class>/<image>) or a .npz bundle (the bundled format)."""
-  path = pathlib.Path(src)
+  """An image folder (root/<class>/<image>) or a .npz bundle (the bundled format); a bundle
+  may be in a bucket (gs://...), an image folder is read locally."""
+  path = storage.as_path(src)
   if path.suffix == ".npz" and path.is_file():
     return sources.EncodedBundleSource(path, name=str(path))
+  storage.require_local(src, "--src", "the image-folder reader")
   if path.is_dir():
     return image_folder.ImageFolderSource(src, *image_folder.scan(src), name=src)
   raise ValueError(f"--src {src!r} is neither an image folder nor a .npz file.")
@@ -99,6 +102,7 @@ def convert(src: str, dst: str, split: str | None = None, *, resize: int = DEFAU
   split = split or default_split(src)
   if not re.fullmatch(r"[\w.-]+", split):
     raise ValueError(f"Split name {split!r} may hold only letters, digits, '_', '.' and '-'.")
+  storage.require_local(dst, "--dst", "the ArrayRecord writer")
   source = open_source(src)
   n = len(source)
   if n == 0:
@@ -158,7 +162,7 @@ def convert(src: str, dst: str, split: str | None = None, *, resize: int = DEFAU
       "class_names": list(source.class_names),
       "class_counts": counts.tolist(),
       "shards": shards,
-      "source": os.path.abspath(src),
+      "source": str(storage.absolute(src)),
       "resize": resize or None,
       "quality": quality if resize else None,
       "skipped": skipped,

@@ -22,6 +22,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from jaxcls import storage
 from jaxcls.data import images
 from jaxcls.errors import ConfigError, DataError
 
@@ -58,7 +59,10 @@ def _contains(folder: str, path: str) -> bool:
 
 
 def read_file(path: str) -> bytes:
-  """The bytes of a regular file; anything else (a named pipe, a device) is a DataError."""
+  """The bytes of a regular file; anything else (a named pipe, a device) is a DataError.
+  In a bucket (predict's gs:// images), the object's bytes."""
+  if storage.is_remote(path):
+    return storage.as_path(path).read_bytes()
   # O_NONBLOCK: opening a named pipe with no writer would otherwise block forever.
   fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
   try:
@@ -187,7 +191,9 @@ def find_images(paths) -> tuple[list[str], list[str]]:
   (no links to folders outside them) -> (paths, "<path>: <reason>" for each one left out)."""
   found, skipped = [], []
   for path in paths:
-    if os.path.isdir(path):
+    if storage.is_remote(path):
+      found += _bucket_images(path)
+    elif os.path.isdir(path):
       scanner = _Scanner(path, follow_links=False)
       found += [os.path.join(path, rel) for rel, is_image in scanner.walk(path) if is_image]
       skipped += scanner.skipped
@@ -199,6 +205,22 @@ def find_images(paths) -> tuple[list[str], list[str]]:
     raise FileNotFoundError(
         f"No image files in {', '.join(map(display, paths))}.{_not_read(skipped)}")
   return found, skipped
+
+
+def _bucket_images(path: str) -> list[str]:
+  """An image object, or the image objects under a bucket folder (sorted; names starting with
+  "." left out, as locally); a bucket has no links or special files to leave out."""
+  base = storage.as_path(path)
+  if not base.is_dir():
+    if not base.exists():
+      raise FileNotFoundError(f"{path} is neither an image file nor a folder.")
+    return [path]
+  found = []
+  for file in base.rglob("*"):
+    relative = file.relative_to(base)
+    if images.is_image_file(file.name) and all(map(_visible, relative.parts)):
+      found.append(str(file))
+  return sorted(found)
 
 
 def _scan(root: str, follow_links: bool,
@@ -297,6 +319,8 @@ def create(data_config, split: str) -> ImageFolderSource:
   if not root:
     raise ValueError("config.data.source='image_folder' needs config.data.path: the folder "
                      "holding <class_name>/<image> sub-folders.")
+  for key in ("path", "eval_path"):  # the scan follows local links and file types
+    storage.require_local(data_config[key], f"config.data.{key}", "the image-folder source")
   if split not in (data_config.train_split, data_config.eval_split):
     raise ValueError(
         f"Split {split!r} is neither config.data.train_split={data_config.train_split!r} nor "

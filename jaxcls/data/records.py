@@ -16,6 +16,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxcls import storage
+
 FORMAT = "jaxcls-array-record-1"
 WRITER_OPTIONS = "group_size:1"  # each record its own chunk: random access reads one record
 _HEADER = struct.Struct("<iI")
@@ -95,4 +97,5 @@ def create(data_config, split: str) -> ArrayRecordSource:
   if not data_config.path:
     raise ValueError("config.data.source='array_record' needs config.data.path: the directory "
                      "that `python -m jaxcls.data.convert --dst` wrote.")
+  storage.require_local(data_config.path, "config.data.path", "the ArrayRecord reader")
   return ArrayRecordSource(data_config.path, split)

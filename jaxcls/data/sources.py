@@ -11,12 +11,12 @@ read files live in their own modules: image_folder.py, tfds_source.py, records.p
 """
 
 import importlib.resources
-import pathlib
 import zlib
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from jaxcls import storage
 from jaxcls.data import corrupt
 from jaxcls.data import image_folder
 from jaxcls.data import images
@@ -52,7 +52,7 @@ class EncodedBundleSource:
   """
 
   def __init__(self, file: Any, name: str):
-    """`file` is a pathlib.Path or an importlib.resources Traversable."""
+    """`file` is an epath.Path (local or in a bucket) or an importlib.resources Traversable."""
     self._file = file
     self.name = name
     self._load()
@@ -153,7 +153,8 @@ def _npz(data_config, split: str) -> EncodedBundleSource:
   if not data_config.path:
     raise ValueError("config.data.source='npz' needs config.data.path: a directory holding "
                      "<split>.npz files.")
-  folder = pathlib.Path(data_config.path)
+  storage.check_reachable(data_config.path, "config.data.path")
+  folder = storage.as_path(data_config.path)  # local or in a bucket: read through epath
   if not folder.is_dir():
     raise ValueError(f"config.data.path={data_config.path!r} is not a directory.")
   splits = {p.stem: p for p in folder.glob("*.npz")}

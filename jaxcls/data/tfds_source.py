@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxcls import storage
+
 
 def _load(name: str, split: str, data_dir: str | None, image_key: str):
   """-> (tfds data source, its DatasetInfo); errors say how to prepare the dataset."""
@@ -97,5 +99,7 @@ def create(data_config, split: str) -> TfdsSource:
   if not data_config.tfds_name:
     raise ValueError("config.data.source='tfds' needs config.data.tfds_name, e.g. 'cifar10' or "
                      "'imagenet2012'.")
+  storage.require_local(data_config.path, "config.data.path (the TFDS data_dir)",
+                        "the TFDS ArrayRecord reader")
   return TfdsSource(data_config.tfds_name, split, data_config.path, data_config.tfds_image_key,
                     data_config.tfds_label_key)
