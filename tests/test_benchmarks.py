@@ -111,3 +111,11 @@ def test_training_compute_counts_flops_in_proportion_to_the_steps(tmp_path):
   assert half["step_gflops"] == full["step_gflops"] > 1  # a 128-image step of the CNN
   assert half["train_gflops"] == full["train_gflops"] / 2
   assert "ratio overrides/as given: 0.50" in result.stdout
+
+
+def test_decode_breakdown_times_each_part(tmp_path):
+  result = run_benchmark("decode_breakdown.py", tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [l for l in result.stdout.splitlines() if " us  " in l]
+  assert len(lines) == 7 and all(float(l.split()[0]) > 0 for l in lines)
+  assert "jaxcls's whole path" in lines[0] and "median box width" in result.stdout
