@@ -28,6 +28,15 @@ def file_crc32(path: str) -> int:
   return crc
 
 
+def file_size(path: str) -> int | None:
+  """The size of the file at path; None when nothing is there. Another error (EIO, a
+  permission) is raised: a read that failed is no proof that a file is missing."""
+  try:
+    return os.stat(path).st_size
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+
+
 def _step_files(step_dir: str) -> list[str]:
   """Every file under step_dir, relative to it, but the checksum record itself."""
   record = os.path.basename(workdir_lib.step_checksums_path(step_dir))
@@ -81,10 +90,10 @@ class Verdict:
 
 def verify(step_dir: str) -> Verdict:
   """Compares a step's files with its checksum record: missing, truncated or changed files."""
-  if not os.path.isdir(step_dir):
+  if file_size(step_dir) is None:
     return Verdict(verified=False, problems=(f"{step_dir} is missing",))
   path = workdir_lib.step_checksums_path(step_dir)
-  if not os.path.exists(path):
+  if file_size(path) is None:
     return Verdict(verified=False)
   try:
     with open(path, encoding="utf-8") as f:
@@ -94,10 +103,11 @@ def verify(step_dir: str) -> Verdict:
   problems = []
   for relative, (size, crc) in sorted(recorded.items()):
     file = os.path.join(step_dir, relative)
-    if not os.path.exists(file):
+    actual = file_size(file)
+    if actual is None:
       problems.append(f"{file} is missing")
-    elif os.path.getsize(file) != size:
-      problems.append(f"{file} has {os.path.getsize(file)} bytes, {size} were written")
+    elif actual != size:
+      problems.append(f"{file} has {actual} bytes, {size} were written")
     elif file_crc32(file) != crc:
       problems.append(f"{file} changed since it was written (CRC-32 differs)")
   return Verdict(verified=True, problems=tuple(problems))

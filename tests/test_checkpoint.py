@@ -92,7 +92,7 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
     abstract, shardings = build.abstract_train_state(model, tx, config, mesh)
     loader = checkpoint.Checkpointer(str(tmp_path), config.checkpoint, 1,
                                      checkpoint.run_metadata(config))
-    restored = loader.restore(1, abstract, None, restore_data=False)
+    restored = loader.restore(1, abstract)
     loader.close()
     for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved),
                          strict=True):

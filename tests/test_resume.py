@@ -24,7 +24,7 @@ DAMAGE_TARGETS = {
     "array_data": lambda step: largest_file(step / "state" / "ocdbt.process_0" / "d"),
     "state_metadata": lambda step: step / "state" / "_METADATA",
     "ocdbt_manifest": lambda step: step / "state" / "manifest.ocdbt",
-    "data_position": lambda step: step / "data" / "process_0-of-1.json",
+    "data_position": lambda step: step / "data_position" / "metadata",
     "meta": lambda step: step / "meta" / "metadata",
     "step_metadata": lambda step: step / "_CHECKPOINT_METADATA",
 }
@@ -80,7 +80,8 @@ def test_stray_or_empty_step_directory_is_named_with_the_fix(tmp_path, reference
   shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
   (tmp_path / "checkpoints" / "999").mkdir()
   expected = (f"Checkpoint step 999 is damaged: {tmp_path / 'checkpoints' / '999'} is "
-              "incomplete: state/_METADATA, meta/metadata, data/ (the data position) missing "
+              "incomplete: state/_METADATA, meta/metadata, data_position/metadata (the data "
+              "position) missing "
               "or empty.")
   resumed = run_main(tmp_path, *RUN)
   assert resumed.returncode != 0 and expected in resumed.stderr, resumed.stderr[-2000:]
