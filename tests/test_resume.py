@@ -220,7 +220,7 @@ def test_a_file_that_cannot_be_read_for_its_checksum_moves_nothing(tmp_path, ref
 @pytest.mark.parametrize("peer, message", [
     (2, re.escape("could not be read (another process could not read it)")),
     (3, "Another process refused to restore"),
-])
+], ids=["failed", "refused"])
 def test_what_another_process_saw_stops_this_one_too(tmp_path, reference, monkeypatch, peer,
                                                      message):
   """Every process acts on the worst outcome of a restore (a peer that failed or refused to
