@@ -64,17 +64,19 @@ def start_main(workdir, *overrides, devices=8, own_group=False):
 def signal_group(workdir, *overrides, after: str, sig: int):
   """Runs main in a process group of its own and, once a line contains `after`, sends sig to
   the whole group (main and its grain workers, as a terminal's Ctrl-C or a scheduler does).
-  -> (exit status, the output after that line, main's child processes at the signal)."""
+  -> (exit status, the output after that line, main's child processes at the signal, the
+  grain workers among them)."""
   proc = start_main(workdir, *overrides, own_group=True)
   try:
     wait_for_line(proc, after)
     kids = children(proc.pid)
+    workers = list(filter(is_worker, kids))  # read while they run: /proc forgets them
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=300)
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
-  return proc.returncode, out, kids
+  return proc.returncode, out, kids, workers
 
 
 def free_port():

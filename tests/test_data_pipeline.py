@@ -345,7 +345,8 @@ def test_workers_end_with_a_main_process_killed_outright(tmp_path):
 
 def test_ctrl_c_to_the_process_group_saves_with_workers_and_exits_0(tmp_path):
   # A Ctrl-C in a terminal (or SLURM's SIGTERM) reaches every process of the group, workers too.
-  returncode, out, kids = signal_group(tmp_path, *WORKER_RUN, after=STEP_5, sig=signal.SIGINT)
+  returncode, out, kids, _ = signal_group(tmp_path, *WORKER_RUN, after=STEP_5,
+                                          sig=signal.SIGINT)
   assert returncode == 0, out[-3000:]
   assert "Stopped by SIGINT" in out
   assert "KeyboardInterrupt" not in out and "Traceback" not in out, out[-3000:]

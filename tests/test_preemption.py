@@ -10,7 +10,7 @@ import pytest
 
 from helpers import assert_same_as_reference
 from runner import REFERENCE_RUN as RUN, REFERENCE_STEPS as STEPS
-from runner import completed_steps, is_worker, run_main, signal_group, start_main
+from runner import completed_steps, run_main, signal_group, start_main
 from runner import start_processes, still_running, wait_for_line
 
 
@@ -36,11 +36,11 @@ def test_sigterm_to_the_group_with_2_workers_saves_and_resumes_with_0_bit_identi
   signal): they ignore it and end with the run, which saves the step its loop was on. The
   workers had read batches ahead; the resume without workers continues with the batches
   the loop had not taken."""
-  returncode, out, kids = signal_group(tmp_path, *RUN, "--config.data.num_workers=2",
-                                       after=f"step 10/{STEPS}", sig=signal.SIGTERM)
+  returncode, out, kids, workers = signal_group(tmp_path, *RUN, "--config.data.num_workers=2",
+                                                after=f"step 10/{STEPS}", sig=signal.SIGTERM)
   assert returncode == 0, out[-3000:]
   assert "Stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
-  assert sum(map(is_worker, kids)) >= 2 and still_running(kids, 10) == []
+  assert len(workers) == 2 and still_running(kids, 10) == []
   stopped_at = completed_steps(tmp_path)[-1]
   assert 10 <= stopped_at < STEPS
 
