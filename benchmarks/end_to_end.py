@@ -165,9 +165,8 @@ class PipelineContender(harness.Contender):
     self.name, self.images_per_step = label, config.batch_size
     self._shared = shared
     source = sources.create_source(config.data, config.data.train_split)
-    dataset = pipeline.create_train_dataset(config.data, source, config.batch_size, config.seed)
-    self._batches = iter(pipeline.prefetch_to_device(
-        dataset, sharding.batch_sharding(mesh), config.data.prefetch_batches))
+    self._batches = pipeline.train_batches_on_devices(
+        config.data, source, config.batch_size, config.seed, sharding.batch_sharding(mesh))
     self.workers = pipeline.num_workers(config.data)
     # Batches the pipeline may have stored while another phase ran: use them up untimed, so
     # a phase measures the pipeline's steady rate, not its buffers.

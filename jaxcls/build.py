@@ -251,7 +251,7 @@ def restore_for_inference(workdir, step: int | None = None) -> InferenceParts:
       problem, _ = resume.find_damage(checkpointer, chosen)
       if problem is None:
         try:
-          state = checkpointer.restore(chosen, abstract_state, None, restore_data=False)
+          state = checkpointer.restore(chosen, abstract_state)
           break
         except (FileNotFoundError, ValueError):
           checkpointer.manager.reload()

@@ -1,11 +1,15 @@
 """Checkpoints: the train state and every process's data position, saved together with orbax.
 
 A step directory `<workdir>/checkpoints/<step>` holds three items:
-  state  the TrainState (step, params, BatchNorm statistics, optimizer state), sharded: each
-         process writes the shards it holds; restore reshards onto whatever mesh is current
-  data   each process's grain iterator state (grain.checkpoint), so the input resumes at the
-         exact next batch
-  meta   JSON: what the state's structure depends on, to refuse an incompatible --config
+  state          the TrainState (step, params, BatchNorm statistics, optimizer state),
+                 sharded: each process writes the shards it holds; restore reshards onto
+                 whatever mesh is current
+  data_position  JSON: the index of the next train batch (data/position.py), so the input
+                 resumes at the exact next batch with any number of worker processes
+  meta           JSON: what the state's structure depends on, to refuse an incompatible
+                 --config
+Steps written before the data_position item have `data` instead: each process's grain
+iterator state, read back as the same index.
 The RNG needs no item of its own: every random number of a step derives from the config's
 seed and `state.step`.
 
@@ -18,6 +22,7 @@ restore and decides which step a run continues from.
 import concurrent.futures
 import contextlib
 import errno
+import json
 import logging
 import time
 
@@ -31,6 +36,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from jaxcls import distributed, ema, integrity, storage
 from jaxcls import workdir as workdir_lib
+from jaxcls.data import position as position_lib
 from jaxcls.errors import CheckpointError, ConfigError, check_at_least
 
 # Keys whose change alters the train state's structure or shapes: a checkpoint saved under
@@ -75,7 +81,7 @@ def run_metadata(config) -> dict:
 
 
 class Checkpointer:
-  """Saves and restores {state, data, meta} under <workdir>/checkpoints.
+  """Saves and restores {state, data_position, meta} under <workdir>/checkpoints.
 
   `read_only=True` is for tools that read a run that may still be training (evaluate,
   predict): such a manager never creates, cleans up or deletes anything in the directory.
@@ -104,7 +110,7 @@ class Checkpointer:
           cleanup_tmp_directories=True,  # partial steps a kill left behind
           create=True)
     self.manager = ocp.CheckpointManager(
-        workdir_lib.orbax_path(self.directory), item_names=("state", "data", "meta"),
+        workdir_lib.orbax_path(self.directory), item_names=("state", "data_position", "meta", _GRAIN_ITEM),
         options=options)
     self.last_save_blocked_seconds = 0.0
     self._unrecorded = set()  # steps saved here whose checksums are not written yet
@@ -123,8 +129,9 @@ class Checkpointer:
   def should_save(self, step: int, last_step: int) -> bool:
     return step == last_step or (self.save_every_steps > 0 and step % self.save_every_steps == 0)
 
-  def save(self, step: int, state, data_iterator, metrics: dict | None = None) -> float:
-    """Starts a save; returns the seconds it blocked the caller (the rest runs in the background)."""
+  def save(self, step: int, state, next_batch: int, metrics: dict | None = None) -> float:
+    """Starts a save of the state and the index of the next train batch the loop takes;
+    returns the seconds it blocked the caller (the rest runs in the background)."""
     if step in self.manager.all_steps():
       return 0.0  # already saved at this step (e.g. the last step was also an interval step)
     start = time.perf_counter()
@@ -144,7 +151,7 @@ class Checkpointer:
           step,
           args=ocp.args.Composite(
               state=ocp.args.StandardSave(state),
-              data=grain.checkpoint.CheckpointSave(data_iterator),
+              data_position=ocp.args.JsonSave(position_lib.to_record(next_batch)),
               meta=ocp.args.JsonSave(self.metadata)),
           metrics=metrics)
     self.last_save_blocked_seconds = time.perf_counter() - start
@@ -199,13 +206,24 @@ class Checkpointer:
           "Use a new --workdir for a different model, or set the config back.")
     return all(saved.get(k) == self.metadata[k] for k in DATA_KEYS)
 
-  def restore(self, step: int, abstract_state, data_iterator, restore_data: bool):
-    """Restores the state (resharded onto abstract_state's shardings) and, if asked, the data."""
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
-    if restore_data:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+  def restore(self, step: int, abstract_state):
+    """The train state, resharded onto abstract_state's shardings."""
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
+
+  def read_data_position(self, step: int) -> int:
+    """The index of the next train batch saved in the step (also from a step of before the
+    data_position item); a position it cannot read is a CheckpointError."""
+    where = self.step_dir(step)
+    if "data_position" in self.manager.item_metadata(step):
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(data_position=ocp.args.JsonRestore()))
+      return position_lib.from_record(restored["data_position"], where)
+    saved = _SavedGrainState()
+    self.manager.restore(step, args=ocp.args.Composite(
+        **{_GRAIN_ITEM: grain.checkpoint.CheckpointRestore(saved)}))
+    return position_lib.from_grain_state(saved.state, where)
 
   def set_aside(self, step: int) -> str:
     """Moves a damaged step out of the way (never deletes it) so later saves can use the name."""
@@ -258,6 +276,22 @@ class Checkpointer:
       except Exception as e:  # the same failed save, already raised by wait() or save()
         if not _is_disk_full(e):
           raise
+
+# The item of grain iterator states in steps written before data_position.
+_GRAIN_ITEM = "data"
+
+
+class _SavedGrainState:
+  """Takes the state grain's checkpoint handler reads (it hands a non-grain iterator the
+  file's bytes), without building the pipeline it came from."""
+
+  state = None
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state)
+
+  def start_prefetch(self) -> None:
+    pass
 
 # What a step holds besides the arrays: orbax's metadata, the data position, the meta item.
 _SAVE_OVERHEAD_BYTES = 64 * 1024

@@ -122,12 +122,18 @@ def move(src, dst) -> None:
     shutil.move(os.fspath(src), os.fspath(dst))
 
 
+def _raise_unless_missing(error: OSError) -> None:
+  if not isinstance(error, (FileNotFoundError, NotADirectoryError)):
+    raise error
+
+
 def files_under(folder) -> dict[str, int]:
   """{path relative to folder: size} of every file under folder (in an object store, from
   one listing rather than a request per file)."""
   if not is_remote(folder):
     found = {}
-    for root, _, names in os.walk(folder):
+    # A folder that cannot be read is an error, never "no files" (os.walk's default).
+    for root, _, names in os.walk(folder, onerror=_raise_unless_missing):
       for name in names:
         path = os.path.join(root, name)
         found[os.path.relpath(path, folder)] = os.path.getsize(path)

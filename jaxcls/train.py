@@ -51,9 +51,8 @@ def _run(config, workdir: str, start_time: float) -> dict:
         f"process(es), mesh {dict(mesh.shape)}; {num_steps} steps of {config.batch_size}.")
     parts = build.training_parts(config, mesh, num_steps, steps_per_epoch)
     reporter.log(f"Compiled train and eval steps in {parts.compile_seconds:.1f}s.")
-    batches = iter(pipeline.prefetch_to_device(
-        pipeline.create_train_dataset(config.data, train_source, config.batch_size, config.seed),
-        sharding.batch_sharding(mesh), config.data.prefetch_batches))
+    batches = pipeline.train_batches_on_devices(config.data, train_source, config.batch_size,
+                                                config.seed, sharding.batch_sharding(mesh))
     evaluate = evaluation.Evaluator(
         config, parts.eval_step,
         pipeline.create_eval_dataset(config.data, eval_source, config.eval_batch_size),
@@ -86,6 +85,7 @@ def _run(config, workdir: str, start_time: float) -> dict:
              "weights": weights})
     finally:
       checkpointer.close()  # a pending async save completes even when training failed
+      batches.close()  # the pipeline's threads and worker processes
 
     results = {"step": num_steps, "split": config.data.eval_split, "eval": final,
                "resumed_from_step": outcome["start_step"],
@@ -139,7 +139,8 @@ def _steps(config, parts, state, start_step: int, batches, evaluate, checkpointe
     if (saving or stop
         or (eval_results and config.checkpoint.best_metric)):
       log.check_finite()  # never save a non-finite state
-      blocked = checkpointer.save(step, state, batches, metrics=eval_results)
+      # The position counts the batches this loop took, not those read ahead.
+      blocked = checkpointer.save(step, state, batches.position, metrics=eval_results)
       reporter.write(step, "checkpoint", {"save_blocked_seconds": blocked})
     if stop:
       checkpointer.wait()

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,10 +53,30 @@ def run_tool(module, *args, devices=2, timeout=600):
   return run_command([sys.executable, "-m", module, *map(str, args)], devices, timeout)
 
 
-def start_main(workdir, *overrides, devices=8):
-  """A running main with stdout piped line by line (stderr merged)."""
+def start_main(workdir, *overrides, devices=8, own_group=False):
+  """A running main with stdout piped line by line (stderr merged); with own_group, in a
+  process group of its own (os.killpg reaches it and its workers, as a terminal's Ctrl-C)."""
   return subprocess.Popen(main_command(workdir, *overrides), env=main_env(devices), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=own_group)
+
+
+def signal_group(workdir, *overrides, after: str, sig: int):
+  """Runs main in a process group of its own and, once a line contains `after`, sends sig to
+  the whole group (main and its grain workers, as a terminal's Ctrl-C or a scheduler does).
+  -> (exit status, the output after that line, main's child processes at the signal, the
+  grain workers among them)."""
+  proc = start_main(workdir, *overrides, own_group=True)
+  try:
+    wait_for_line(proc, after)
+    kids = children(proc.pid)
+    workers = list(filter(is_worker, kids))  # read while they run: /proc forgets them
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  return proc.returncode, out, kids, workers
 
 
 def free_port():
@@ -111,3 +132,44 @@ def completed_steps(workdir):
   root = pathlib.Path(workdir) / "checkpoints"
   return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
 
+
+# The processes a run started (grain's worker processes), from /proc.
+
+
+def children(pid: int) -> list[int]:
+  """The processes whose parent is pid, from /proc."""
+  found = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # the name before ")" may hold spaces
+    except (OSError, IndexError):
+      continue
+    if entry.isdigit() and int(fields[1]) == pid:
+      found.append(int(entry))
+  return found
+
+
+def running(pid: int) -> bool:
+  """Whether pid is a live process (a zombie waiting for init to reap it has ended)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def is_worker(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return b"multiprocessing.spawn" in f.read()
+  except OSError:
+    return False
+
+
+def still_running(pids, seconds: float) -> list[int]:
+  """The pids still running after up to `seconds` of waiting for them to end."""
+  deadline = time.time() + seconds
+  while time.time() < deadline and any(map(running, pids)):
+    time.sleep(0.2)
+  return [p for p in pids if running(p)]

@@ -1,10 +1,13 @@
-"""Checkpoints: resume exactly after kill -9, refuse an incompatible config, fall back from a
-damaged latest step, restore onto another mesh."""
+"""Checkpoints: resume exactly after kill -9 (with another worker count too), refuse an
+incompatible config, restore onto another mesh, a full disk in one line; the guide's plain-orbax reading of a
+checkpoint and an export, and load_export, on 1 device after training on 8."""
 
 import random
 import shutil
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 
 import jax
@@ -16,8 +19,11 @@ from jaxcls import config as config_lib
 from jaxcls import sharding as sharding_lib
 from helpers import assert_same_as_reference
 from runner import REFERENCE_RUN as RUN, REFERENCE_STEPS as STEPS
-from runner import completed_steps, losses_by_step, run_main, run_tool, start_main
-from runner import wait_for_line
+from runner import REPO, completed_steps, losses_by_step, main_env, run_main, run_tool
+from runner import start_main, wait_for_line
+
+sys.path.insert(0, str(REPO / "scripts"))
+import run_guide  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_kill_9_three_times_then_finish_matches_uninterrupted(tmp_path, reference):
@@ -39,6 +45,23 @@ def test_kill_9_three_times_then_finish_matches_uninterrupted(tmp_path, referenc
   assert_same_as_reference(tmp_path, reference)
 
 
+def test_kill_9_with_2_workers_then_with_0_then_finish_with_1_matches_uninterrupted(
+    tmp_path, reference):
+  """The data position does not depend on the worker count (grain's iterator state did)."""
+  for workers, kill_after in ((2, 10), (0, 18)):  # saves every 4 steps
+    proc = start_main(tmp_path, *RUN, f"--config.data.num_workers={workers}")
+    lines = wait_for_line(proc, f"step {kill_after}/{STEPS}")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    # A save starts after the previous one is complete, so the one before the last is there.
+    assert completed_steps(tmp_path)[-1] >= kill_after - 6, lines[-5:]
+  assert any("data position included" in line for line in lines), lines
+  result = run_main(tmp_path, *RUN, "--config.data.num_workers=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "data position included" in result.stdout
+  assert_same_as_reference(tmp_path, reference)
+
+
 def test_incompatible_config_is_refused_and_safe_changes_resume(tmp_path, reference):
   shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
   wider = run_main(tmp_path, *RUN, "--config.model.width=16")
@@ -49,6 +72,16 @@ def test_incompatible_config_is_refused_and_safe_changes_resume(tmp_path, refere
                     "--config.eval_every_epochs=0.5")
   assert longer.returncode == 0, longer.stderr[-3000:]
   assert f"(step {STEPS})" in longer.stdout and f"step {STEPS + 4}/{STEPS + 4}" in longer.stdout
+  # Another batch size moves the data: refused, naming the key, unless asked to restart it.
+  other_batch = ("--config.batch_size=32", f"--config.num_train_steps={STEPS + 6}")
+  refused = run_main(tmp_path, *RUN, *other_batch)
+  assert refused.returncode != 0 and "Traceback" not in refused.stderr
+  assert "(batch_size: checkpoint 64, now 32)" in refused.stderr, refused.stderr[-2000:]
+  assert "restart_data_on_mismatch=True" in refused.stderr
+  restarted = run_main(tmp_path, *RUN, *other_batch,
+                       "--config.checkpoint.restart_data_on_mismatch=True")
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert f"(step {STEPS + 4}), data restarted at the next epoch." in restarted.stdout
 
 
 def test_workdir_with_url_and_glob_characters_resumes(tmp_path):
@@ -92,7 +125,7 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
     abstract, shardings = build.abstract_train_state(model, tx, config, mesh)
     loader = checkpoint.Checkpointer(str(tmp_path), config.checkpoint, 1,
                                      checkpoint.run_metadata(config))
-    restored = loader.restore(1, abstract, None, restore_data=False)
+    restored = loader.restore(1, abstract)
     loader.close()
     for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved),
                          strict=True):
@@ -132,3 +165,28 @@ def test_disk_full_during_a_save_is_one_line_and_the_resume_is_exact(small_disk,
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from {moved / 'checkpoints' / '4'} (step 4)" in resumed.stdout
   assert_same_as_reference(moved, reference)
+
+
+def test_the_guides_plain_orbax_block_and_load_export_read_an_8_device_run_on_1(
+    trained_workdir, tmp_path):
+  """docs/guide.md's block, run as written (on `runs/resume`, here the session's run trained
+  on 8 devices) in a process with 1 device; then jaxcls's load_export in the same process."""
+  [block] = [b["code"] for b in run_guide.blocks((REPO / "docs" / "guide.md").read_text())
+             if b["section"] == "Reading a checkpoint or an export with plain orbax"]
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "resume").symlink_to(trained_workdir)
+  code = block + textwrap.dedent("""
+      from jaxcls import checkpoint
+      loaded, info = checkpoint.load_export(str(run / "export"))
+      equal = jax.tree.map(np.array_equal, loaded, jax.device_get(variables))
+      print("load_export:", info["step"], all(jax.tree.leaves(equal)))
+  """)
+  result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**main_env(devices=1),
+                                                      "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  step = completed_steps(trained_workdir)[-1]
+  assert result.stdout.splitlines() == [
+      f"checkpoint {step}: step {step}, next batch {step}, on 1 device(s)",
+      "the export holds the last checkpoint's params: True",
+      f"load_export: {step} True"], result.stdout

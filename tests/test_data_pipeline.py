@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from absl import flags
 import jax
@@ -21,8 +20,8 @@ import pytest
 from jaxcls.data import pipeline
 from jaxcls.data import sources
 from helpers import data_config, encode, indices_of, small_data_config, write_image
-from runner import REPO, completed_steps, free_port, main_command, main_env, start_main
-from runner import wait_for_line
+from runner import REPO, children, completed_steps, free_port, is_worker, main_env, running
+from runner import signal_group, start_main, still_running, wait_for_line
 
 
 class IndexSource:
@@ -328,45 +327,6 @@ WORKER_RUN = ("--config.model.name=resnet_tiny", "--config.model.width=8",
 STEP_5 = "step   5/500"  # the progress line right-aligns the step to the total's width
 
 
-def children(pid: int) -> list[int]:
-  """The processes whose parent is pid, from /proc."""
-  found = []
-  for entry in os.listdir("/proc"):
-    try:
-      with open(f"/proc/{entry}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # the name before ")" may hold spaces
-    except (OSError, IndexError):
-      continue
-    if entry.isdigit() and int(fields[1]) == pid:
-      found.append(int(entry))
-  return found
-
-
-def running(pid: int) -> bool:
-  """Whether pid is a live process (a zombie waiting for init to reap it has ended)."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return False
-
-
-def is_worker(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-      return b"multiprocessing.spawn" in f.read()
-  except OSError:
-    return False
-
-
-def still_running(pids, seconds: float) -> list[int]:
-  """The pids still running after up to `seconds` of waiting for them to end."""
-  deadline = time.time() + seconds
-  while time.time() < deadline and any(map(running, pids)):
-    time.sleep(0.2)
-  return [p for p in pids if running(p)]
-
-
 def test_workers_end_with_a_main_process_killed_outright(tmp_path):
   proc = start_main(tmp_path, *WORKER_RUN)
   kids = []
@@ -385,18 +345,9 @@ def test_workers_end_with_a_main_process_killed_outright(tmp_path):
 
 def test_ctrl_c_to_the_process_group_saves_with_workers_and_exits_0(tmp_path):
   # A Ctrl-C in a terminal (or SLURM's SIGTERM) reaches every process of the group, workers too.
-  proc = subprocess.Popen(main_command(tmp_path, *WORKER_RUN), env=main_env(), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
-  try:
-    wait_for_line(proc, STEP_5)
-    kids = children(proc.pid)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-  assert proc.returncode == 0, out[-3000:]
+  returncode, out, kids, _ = signal_group(tmp_path, *WORKER_RUN, after=STEP_5,
+                                          sig=signal.SIGINT)
+  assert returncode == 0, out[-3000:]
   assert "Stopped by SIGINT" in out
   assert "KeyboardInterrupt" not in out and "Traceback" not in out, out[-3000:]
   assert 5 <= completed_steps(tmp_path)[-1] < 500

@@ -13,10 +13,10 @@ from runner import completed_steps, copy_run, run_tool, start_main, wait_for_lin
 
 
 def test_evaluate_on_another_device_count(trained_workdir, tmp_path):
-  """Trained on 8 devices; evaluated on 2 with the same numbers."""
+  """Trained on 8 devices; evaluated on 1 with the same numbers."""
   trained_workdir = copy_run(trained_workdir, tmp_path)  # its own: this test renames a file
   (trained_workdir / "eval" / "test_6.json").rename(trained_workdir / "eval" / "train_time.json.bak")
-  result = run_tool("jaxcls.evaluate", "--workdir", trained_workdir)
+  result = run_tool("jaxcls.evaluate", "--workdir", trained_workdir, devices=1)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "precision" in result.stdout and "airplane" in result.stdout
   again = json.loads((trained_workdir / "eval" / "test_6.json").read_text())

@@ -1,5 +1,6 @@
-"""Preemption: SIGTERM saves the step it is on and exits 0, the resume is bit-identical; a
-signal to one of two processes stops both at the same step."""
+"""Preemption: SIGTERM saves the step it is on and exits 0, the resume is bit-identical (also
+from a run with worker processes, resumed without); a signal to one of two processes stops
+both at the same step."""
 
 import json
 import signal
@@ -11,7 +12,8 @@ import pytest
 from helpers import assert_same_as_reference
 from jaxcls import preemption
 from runner import REFERENCE_RUN as RUN, REFERENCE_STEPS as STEPS
-from runner import completed_steps, run_main, start_main, start_processes, wait_for_line
+from runner import completed_steps, run_main, signal_group, start_main
+from runner import start_processes, still_running, wait_for_line
 
 
 def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tmp_path, reference):
@@ -27,6 +29,26 @@ def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tmp_path, reference):
   resumed = run_main(tmp_path, *RUN)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from {tmp_path / 'checkpoints' / str(stopped_at)}" in resumed.stdout
+  assert_same_as_reference(tmp_path, reference)
+
+
+def test_sigterm_to_the_group_with_2_workers_saves_and_resumes_with_0_bit_identical(
+    tmp_path, reference):
+  """The signal reaches grain's worker processes too (a terminal's or a scheduler's group
+  signal): they ignore it and end with the run, which saves the step its loop was on. The
+  workers had read batches ahead; the resume without workers continues with the batches
+  the loop had not taken."""
+  returncode, out, kids, workers = signal_group(tmp_path, *RUN, "--config.data.num_workers=2",
+                                                after=f"step 10/{STEPS}", sig=signal.SIGTERM)
+  assert returncode == 0, out[-3000:]
+  assert "Stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
+  assert len(workers) == 2 and still_running(kids, 10) == []
+  stopped_at = completed_steps(tmp_path)[-1]
+  assert 10 <= stopped_at < STEPS
+
+  resumed = run_main(tmp_path, *RUN, "--config.data.num_workers=0")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"(step {stopped_at}), data position included" in resumed.stdout
   assert_same_as_reference(tmp_path, reference)
 
 
@@ -46,8 +68,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   assert stopped_at % 2 == 0 and 10 <= stopped_at < STEPS  # a common check step
   state_dir = tmp_path / "checkpoints" / str(stopped_at)
   assert (state_dir / "commit_success.txt").exists()
-  assert sorted(p.name for p in (state_dir / "data").glob("process_*")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  # One data position for both: each took one batch a step.
+  assert json.loads((state_dir / "data_position" / "metadata").read_text()) == {
+      "version": 1, "next_batch": stopped_at}
 
   procs = start_processes(tmp_path, *run)
   outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -10,8 +10,10 @@ position): reproducible, different each epoch, and independent of the worker cou
 Eval: one pass, split the same way, with the tail padded by zero images whose `mask` is
 False, so every process yields `num_eval_steps` batches and each example counts exactly once.
 
-The returned `grain.IterDataset`s give iterators with get_state/set_state, which
-grain.checkpoint saves next to the train state.
+A train run reads its batches through `TrainBatches`, which counts the batches the loop has
+taken: that count is the data position a checkpoint saves (position.py), and a resumed run
+starts the pipeline at it (random access into the batched MapDataset). Worker processes and
+prefetching only read ahead, so the position does not depend on config.data.num_workers.
 """
 
 import functools
@@ -135,13 +137,14 @@ def _to_iter_dataset(ds: grain.MapDataset, data_config) -> grain.IterDataset:
   return it
 
 
-def create_train_dataset(data_config, source: sources.Source, global_batch_size: int,
-                         seed: int, *, process_index: int | None = None,
-                         process_count: int | None = None) -> grain.IterDataset:
-  """Infinite stream of this process's train batches {"image": uint8 [b,H,W,3], "label": int32 [b]}.
+def train_batches(data_config, source: sources.Source, global_batch_size: int, seed: int, *,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.MapDataset:
+  """This process's train batches, endless, by index: batch i is a function of the seed and i.
 
-  b = global_batch_size // process_count. process_index / process_count default to JAX's and
-  are arguments only so tests can simulate several processes.
+  Each {"image": uint8 [b,H,W,3], "label": int32 [b]}, b = global_batch_size // process_count.
+  process_index / process_count default to JAX's and are arguments only so tests can
+  simulate several processes.
   """
   process_index, process_count, local_batch = _process_layout(
       global_batch_size, process_index, process_count, "batch_size")
@@ -159,9 +162,55 @@ def create_train_dataset(data_config, source: sources.Source, global_batch_size:
       ds = ds.map(t)
   # grain keeps the epoch in the index through slice and repeat, so each epoch reshuffles.
   ds = ds[:used][process_index::process_count].repeat()
-  ds = ds.batch(local_batch, drop_remainder=True,
-                batch_fn=dali.PlannedBatch if on_gpu else None)
-  return _to_iter_dataset(ds, data_config)
+  return ds.batch(local_batch, drop_remainder=True,
+                  batch_fn=dali.PlannedBatch if on_gpu else None)
+
+
+def create_train_dataset(data_config, source: sources.Source, global_batch_size: int,
+                         seed: int, *, start_batch: int = 0, process_index: int | None = None,
+                         process_count: int | None = None) -> grain.IterDataset:
+  """Endless stream of this process's train batches (train_batches), from batch start_batch."""
+  ds = train_batches(data_config, source, global_batch_size, seed,
+                     process_index=process_index, process_count=process_count)
+  # Sliced before the workers split it: they read batches start, start + 1, ... in turn.
+  return _to_iter_dataset(ds[start_batch:], data_config)
+
+
+class TrainBatches:
+  """The train loop's batches, and `position`: the index of the next one it takes.
+
+  `make_dataset(start)` builds the stream from batch `start`. The position counts the batches
+  handed to the loop, never what worker processes or prefetching produced ahead of it, so a
+  checkpoint saved after step s (position s from a fresh start) resumes at the batch step s+1
+  would have read, with any worker count. The stream (its worker processes included) starts
+  at the first batch asked for, so `seek` before it costs nothing.
+  """
+
+  def __init__(self, make_dataset, position: int = 0):
+    self._make_dataset = make_dataset
+    self.position = position
+    self._iterator = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._iterator is None:
+      self._iterator = iter(self._make_dataset(self.position))
+    batch = next(self._iterator)
+    self.position += 1
+    return batch
+
+  def seek(self, position: int) -> None:
+    """The next batch taken will be batch `position`."""
+    self.close()
+    self.position = position
+
+  def close(self) -> None:
+    """Stops the stream's threads and worker processes (a later batch starts them again)."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
 
 
 class _MarkReal(grain.transforms.Map):
@@ -213,10 +262,14 @@ def make_global_batch(local_batch: dict, sharding: jax.sharding.NamedSharding) -
 
 def prefetch_to_device(ds: grain.IterDataset, sharding: jax.sharding.NamedSharding,
                        num_batches: int = 2) -> grain.IterDataset:
-  """Keeps `num_batches` global batches already on the devices, built in a background thread.
-
-  The result's iterator is still a grain iterator: its state counts only the batches handed
-  out, so a checkpoint taken with batches in flight resumes at the right one.
-  """
+  """Keeps `num_batches` global batches already on the devices, built in a background thread."""
   ds = ds.map(lambda batch: make_global_batch(batch, sharding))
   return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=num_batches)
+
+
+def train_batches_on_devices(data_config, source: sources.Source, global_batch_size: int,
+                             seed: int, sharding: jax.sharding.NamedSharding) -> TrainBatches:
+  """The train loop's global batches, config.data.prefetch_batches of them kept on the devices."""
+  return TrainBatches(lambda start: prefetch_to_device(
+      create_train_dataset(data_config, source, global_batch_size, seed, start_batch=start),
+      sharding, data_config.prefetch_batches))
