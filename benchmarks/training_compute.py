@@ -3,8 +3,9 @@
     python benchmarks/training_compute.py configs/default.py
     python benchmarks/training_compute.py configs/default.py --set num_epochs=6 --set batch_size=256
 
-For each config: XLA's cost analysis of the compiled train step and eval step (one device,
-the whole global batch), times the steps the config trains and the eval batches of every
+For each config: XLA's cost analysis of the compiled train step (one per image size of
+config.data.resize_schedule) and eval step (one device, the whole global batch), times the
+steps the config trains at each size and the eval batches of every
 evaluation it makes (the periodic ones and the final one). With --set, the first line is the
 config as given and the second with the overrides, and the ratio of the two is printed.
 """
@@ -17,7 +18,7 @@ import jax
 
 import harness
 from jaxcls import build, sharding
-from jaxcls.data import pipeline
+from jaxcls.data import pipeline, resolution
 
 
 def step_flops(compiled) -> float:
@@ -38,11 +39,15 @@ def run_compute(config) -> dict:
   eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
   periodic_evals = len([s for s in range(eval_every, num_steps, eval_every)]) if eval_every else 0
   eval_batches = math.ceil(len(eval_source) / config.eval_batch_size)
-  train = step_flops(parts.train_step) * num_steps
+  # Each resolution segment (config.data.resize_schedule) at its own step's cost.
+  segments = resolution.segments(config.data, steps_per_epoch)
+  ends = [start for start, _ in segments[1:]] + [num_steps]
+  train = sum(step_flops(parts.train_steps[size]) * max(0, min(end, num_steps) - start)
+              for (start, size), end in zip(segments, ends))
   evaluate = step_flops(parts.eval_step) * eval_batches * (periodic_evals + 1)
   return {"steps": num_steps, "train_gflops": train / 1e9, "eval_gflops": evaluate / 1e9,
           "total_gflops": (train + evaluate) / 1e9, "evals": periodic_evals + 1,
-          "step_gflops": step_flops(parts.train_step) / 1e9}
+          "step_gflops": train / num_steps / 1e9}
 
 
 def main():
@@ -57,7 +62,7 @@ def main():
     rows.append((" ".join(args.set), run_compute(harness.load_config(args.config, args.set))))
   print(f"{jax.devices()[0].platform}; XLA cost analysis, one device")
   for name, r in rows:
-    print(f"{name}: {r['steps']} steps x {r['step_gflops']:.2f} GFLOP + {r['evals']} evals = "
+    print(f"{name}: {r['steps']} steps x {r['step_gflops']:.2f} GFLOP (mean) + {r['evals']} evals = "
           f"{r['total_gflops']:,.0f} GFLOP (train {r['train_gflops']:,.0f}, "
           f"eval {r['eval_gflops']:,.0f})")
   if len(rows) == 2:

@@ -20,7 +20,7 @@ from absl import logging
 
 from jaxcls import checkpoint, ema, models, optim, resume, sharding, steps, weights
 from jaxcls import workdir as workdir_lib
-from jaxcls.data import sources
+from jaxcls.data import resolution, sources
 from jaxcls.errors import CheckpointError, ConfigError
 
 # Steps that compile faster than this are not worth a cache file (and eager ops would add
@@ -146,9 +146,11 @@ def _shardings_of(spec):
   return jax.tree.map(lambda s: s.sharding, spec)
 
 
-def compile_train_step(train_step, abstract_state, state_shardings, mesh, config):
-  """jit once with explicit shardings and a donated state; compiled ahead of the first batch."""
-  spec = batch_spec(mesh, config.batch_size, config.data.image_size)
+def compile_train_step(train_step, abstract_state, state_shardings, mesh, config,
+                       image_size: int | None = None):
+  """jit once with explicit shardings and a donated state; compiled ahead of the first batch
+  (for images of image_size, default config.data.image_size)."""
+  spec = batch_spec(mesh, config.batch_size, image_size or config.data.image_size)
   jitted = jax.jit(train_step, in_shardings=(state_shardings, _shardings_of(spec)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))
@@ -167,14 +169,16 @@ def compile_eval_step(eval_step, abstract_state, state_shardings, mesh, spec):
   return jitted.lower(abstract_state, spec).compile()
 
 
-def config_train_step(config, mesh, schedule, abstract_state, state_shardings):
-  """config's train step (micro-batches, gradient layout, mixing seed), compiled."""
+def config_train_step(config, mesh, schedule, abstract_state, state_shardings,
+                      image_size: int | None = None):
+  """config's train step (micro-batches, gradient layout, mixing seed), compiled for images
+  of image_size (default config.data.image_size)."""
   return compile_train_step(
       steps.make_train_step(
           config.data, config.optim, schedule, config.grad_accum_steps,
           sharding.grad_shardings(mesh, abstract_state.params, config.mesh), seed=config.seed,
           ema_config=config.ema),
-      abstract_state, state_shardings, mesh, config)
+      abstract_state, state_shardings, mesh, config, image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +188,18 @@ class TrainingParts:
   tx: Any
   abstract_state: Any  # ShapeDtypeStructs with shardings: what init and restore produce
   state_shardings: Any
-  train_step: Callable  # compiled: (state, batch) -> (state, metrics)
+  # {image size: compiled (state, batch) -> (state, metrics)}: one per size trained at
+  # (several with config.data.resize_schedule)
+  train_steps: dict
   eval_step: Callable  # compiled: (state, masked batch) -> per-example outputs
   compile_seconds: float
+
+  @property
+  def train_step(self) -> Callable:
+    """The train step of a run that trains at one size."""
+    if len(self.train_steps) != 1:
+      raise ValueError(f"This run trains at sizes {sorted(self.train_steps)}: use train_steps.")
+    return next(iter(self.train_steps.values()))
 
 
 def training_parts(config, mesh, num_steps: int, steps_per_epoch: int) -> TrainingParts:
@@ -195,11 +208,13 @@ def training_parts(config, mesh, num_steps: int, steps_per_epoch: int) -> Traini
   schedule, tx = create_optimizer(config, num_steps, steps_per_epoch)
   abstract_state, state_shardings = abstract_train_state(model, tx, config, mesh)
   start = time.time()
-  train_step = config_train_step(config, mesh, schedule, abstract_state, state_shardings)
+  train_steps = {size: config_train_step(config, mesh, schedule, abstract_state,
+                                         state_shardings, size)
+                 for size in resolution.train_sizes(config.data)}
   eval_step = compile_eval_step(
       steps.make_eval_step(config.data, config.eval_tta), abstract_state, state_shardings, mesh,
       batch_spec(mesh, config.eval_batch_size, config.data.image_size, with_mask=True))
-  return TrainingParts(model, tx, abstract_state, state_shardings, train_step, eval_step,
+  return TrainingParts(model, tx, abstract_state, state_shardings, train_steps, eval_step,
                        time.time() - start)
 
 

@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.decoder = "cpu"
   config.data.num_classes = 10
   config.data.image_size = 32
+  # Progressive resizing (data/resolution.py): ((epoch, size), ...) trains at `size` from
+  # `epoch` on, e.g. ((0, 160), (30, 192)); () trains at image_size, which evaluation uses.
+  config.data.resize_schedule = ()
   # Augmentation: crop, then optional policies, on the host; mixing on the device.
   config.data.train_augment = "pad_crop_flip"  # or 'random_resized_crop_flip' or 'none'
   config.data.crop_padding = 4

@@ -50,9 +50,14 @@ def _run(config, workdir: str, start_time: float) -> dict:
         f"{len(eval_source)} eval); {jax.device_count()} device(s) in {jax.process_count()} "
         f"process(es), mesh {dict(mesh.shape)}; {num_steps} steps of {config.batch_size}.")
     parts = build.training_parts(config, mesh, num_steps, steps_per_epoch)
-    reporter.log(f"Compiled train and eval steps in {parts.compile_seconds:.1f}s.")
+    if len(parts.train_steps) > 1:
+      reporter.log(f"Compiled train steps for {', '.join(map(str, parts.train_steps))} px and the "
+                   f"eval step in {parts.compile_seconds:.1f}s.")
+    else:
+      reporter.log(f"Compiled train and eval steps in {parts.compile_seconds:.1f}s.")
     batches = pipeline.train_batches_on_devices(config.data, train_source, config.batch_size,
-                                                config.seed, sharding.batch_sharding(mesh))
+                                                config.seed, sharding.batch_sharding(mesh),
+                                                steps_per_epoch)
     evaluate = evaluation.Evaluator(
         config, parts.eval_step,
         pipeline.create_eval_dataset(config.data, eval_source, config.eval_batch_size),
@@ -125,7 +130,9 @@ def _steps(config, parts, state, start_step: int, batches, evaluate, checkpointe
   log = reporter_lib.TrainLog(reporter, config.batch_size, steps_per_epoch, start_step,
                               num_steps)
   for step in range(start_step + 1, num_steps + 1):
-    state, step_metrics = parts.train_step(state, next(batches))
+    batch = next(batches)
+    # The step compiled for this batch's size (one per size of config.data.resize_schedule).
+    state, step_metrics = parts.train_steps[batch["image"].shape[1]](state, batch)
     log.add(step, step_metrics)
     logged = step % config.log_every_steps == 0 or step == num_steps
     if logged:

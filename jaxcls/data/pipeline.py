@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxcls.data import cores
 from jaxcls.data import dali
+from jaxcls.data import resolution
 from jaxcls.data import sources
 from jaxcls.data import transforms
 from jaxcls.errors import ConfigError
@@ -43,6 +44,7 @@ _PARENT_POLL_SECONDS = 0.5  # how often a worker process checks that its parent 
 
 def check_config(data_config) -> None:
   """The pipeline keys of config.data."""
+  resolution.check_config(data_config)
   if data_config.num_workers < -1:
     raise ConfigError(f"config.data.num_workers={data_config.num_workers}: use -1 (from the "
                       "cores), 0 (no worker processes) or a count.")
@@ -167,13 +169,15 @@ def train_batches(data_config, source: sources.Source, global_batch_size: int, s
 
 
 def create_train_dataset(data_config, source: sources.Source, global_batch_size: int,
-                         seed: int, *, start_batch: int = 0, process_index: int | None = None,
+                         seed: int, *, start_batch: int = 0, stop_batch: int | None = None,
+                         process_index: int | None = None,
                          process_count: int | None = None) -> grain.IterDataset:
-  """Endless stream of this process's train batches (train_batches), from batch start_batch."""
+  """This process's train batches (train_batches) from batch start_batch, endless or up to
+  stop_batch (the end of a resolution segment)."""
   ds = train_batches(data_config, source, global_batch_size, seed,
                      process_index=process_index, process_count=process_count)
   # Sliced before the workers split it: they read batches start, start + 1, ... in turn.
-  return _to_iter_dataset(ds[start_batch:], data_config)
+  return _to_iter_dataset(ds[start_batch:stop_batch], data_config)
 
 
 class TrainBatches:
@@ -197,7 +201,12 @@ class TrainBatches:
   def __next__(self):
     if self._iterator is None:
       self._iterator = iter(self._make_dataset(self.position))
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except StopIteration:  # the end of a resolution segment: the next one starts here
+      self.close()
+      self._iterator = iter(self._make_dataset(self.position))
+      batch = next(self._iterator)
     self.position += 1
     return batch
 
@@ -268,8 +277,17 @@ def prefetch_to_device(ds: grain.IterDataset, sharding: jax.sharding.NamedShardi
 
 
 def train_batches_on_devices(data_config, source: sources.Source, global_batch_size: int,
-                             seed: int, sharding: jax.sharding.NamedSharding) -> TrainBatches:
-  """The train loop's global batches, config.data.prefetch_batches of them kept on the devices."""
-  return TrainBatches(lambda start: prefetch_to_device(
-      create_train_dataset(data_config, source, global_batch_size, seed, start_batch=start),
-      sharding, data_config.prefetch_batches))
+                             seed: int, sharding: jax.sharding.NamedSharding,
+                             steps_per_epoch: int = 1) -> TrainBatches:
+  """The train loop's global batches, config.data.prefetch_batches of them kept on the devices;
+  each resolution segment (config.data.resize_schedule) its own stream at its own size."""
+  segments = resolution.segments(data_config, steps_per_epoch)
+
+  def make_dataset(start: int):
+    size, stop = resolution.segment_at(segments, start)
+    return prefetch_to_device(
+        create_train_dataset(resolution.config_at_size(data_config, size), source,
+                             global_batch_size, seed, start_batch=start, stop_batch=stop),
+        sharding, data_config.prefetch_batches)
+
+  return TrainBatches(make_dataset)
