@@ -91,10 +91,12 @@ def write_whole(path, data: bytes | str) -> None:
 def create_new(path, text: str) -> None:
   """Creates the file with `text`, or raises FileExistsError when it exists (O_EXCL
   locally; a create-only-if-absent upload in an object store)."""
-  if is_remote(path):  # epath has no 'x' mode; fsspec's is the store's precondition
+  if is_remote(path):  # epath has no 'x' mode; fsspec's "create" is the store's precondition
     fs, key = fsspec.core.url_to_fs(os.fspath(path))
-    with fs.open(key, "xb") as f:
-      f.write(text.encode())
+    # One upload carrying it (gcsfs: multipart with ifGenerationMatch=0), not open("xb"),
+    # whose resumable upload puts it on the session start only, where fake-gcs-server
+    # (the tests' bucket) ignores it.
+    fs.pipe_file(key, text.encode(), mode="create")
     return
   fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -216,10 +216,10 @@ def _bucket_images(path: str) -> list[str]:
       raise FileNotFoundError(f"{path} is neither an image file nor a folder.")
     return [path]
   found = []
-  for file in base.rglob("*"):
-    relative = file.relative_to(base)
-    if images.is_image_file(file.name) and all(map(_visible, relative.parts)):
-      found.append(str(file))
+  for relative in storage.files_under(base):  # one listing (epath's gs:// has no rglob)
+    parts = relative.split("/")
+    if images.is_image_file(parts[-1]) and all(map(_visible, parts)):
+      found.append(f"{base}/{relative}")
   return sorted(found)
 
 
