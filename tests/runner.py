@@ -43,8 +43,8 @@ def run_command(command, devices=8, timeout=600, **env):
                         text=True, timeout=timeout)
 
 
-def run_main(workdir, *overrides, devices=8, timeout=600, **env):
-  return run_command(main_command(workdir, *overrides), devices, timeout, **env)
+def run_main(workdir, *overrides, devices=8, timeout=600, config="configs/default.py", **env):
+  return run_command(main_command(workdir, *overrides, config=config), devices, timeout, **env)
 
 
 def run_tool(module, *args, devices=2, timeout=600):

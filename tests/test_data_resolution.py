@@ -101,3 +101,16 @@ def test_a_resume_across_the_switch_is_bit_identical(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "checkpoints/12 (step 12)" in again.stdout
   assert_same_as_reference(resumed, reference)
+
+
+def test_the_fast_imagenet_config_runs_its_schedule_end_to_end(tmp_path):
+  """configs/imagenet_resnet50_fast.py, all 24 epochs, on a tiny model and 32 synthetic images
+  (2 steps an epoch): 160 px, then 192 px from epoch 13, evaluated at 224 with flips."""
+  result = run_main(tmp_path, "--config.data.source=synthetic", "--config.data.synthetic_size=32",
+                    "--config.data.num_classes=10", "--config.model.name=resnet_tiny",
+                    "--config.model.width=8", "--config.batch_size=16",
+                    "--config.eval_batch_size=32", "--config.log_every_steps=2",
+                    config="configs/imagenet_resnet50_fast.py", devices=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Compiled train steps for 160, 192 px" in result.stdout
+  assert "48 steps of 16" in result.stdout and "tta_accuracy" in result.stdout
