@@ -44,7 +44,8 @@ def run_compute(config) -> dict:
   ends = [start for start, _ in segments[1:]] + [num_steps]
   train = sum(step_flops(parts.train_steps[size]) * max(0, min(end, num_steps) - start)
               for (start, size), end in zip(segments, ends))
-  evaluate = step_flops(parts.eval_step) * eval_batches * (periodic_evals + 1)
+  passes = 2 if config.ema.decay > 0 else 1  # with EMA every evaluation also scores the average
+  evaluate = step_flops(parts.eval_step) * eval_batches * (periodic_evals + 1) * passes
   return {"steps": num_steps, "train_gflops": train / 1e9, "eval_gflops": evaluate / 1e9,
           "total_gflops": (train + evaluate) / 1e9, "evals": periodic_evals + 1,
           "step_gflops": train / num_steps / 1e9}
