@@ -194,6 +194,16 @@ class TrainingParts:
   eval_step: Callable  # compiled: (state, masked batch) -> per-example outputs
   compile_seconds: float
 
+  def train_step_for(self, batch) -> Callable:
+    """The step compiled for this batch's image size (config.data.resize_schedule)."""
+    return self.train_steps[batch["image"].shape[1]]
+
+  def compiled_message(self) -> str:
+    if len(self.train_steps) == 1:
+      return f"Compiled train and eval steps in {self.compile_seconds:.1f}s."
+    return (f"Compiled train steps for {', '.join(map(str, self.train_steps))} px and the eval "
+            f"step in {self.compile_seconds:.1f}s.")
+
   @property
   def train_step(self) -> Callable:
     """The train step of a run that trains at one size."""

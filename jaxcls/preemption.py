@@ -47,6 +47,11 @@ class PreemptionGuard:
       raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
     self.received = signal.Signals(signum).name
 
+  @property
+  def source(self) -> str:
+    """What stopped the run, for its last message."""
+    return self.received or "a signal to another process"
+
   def should_stop(self, host_waits: bool) -> bool:
     """True on the step every process stops at (the same step on all of them). With several
     processes they compare only where `host_waits` (a step the host syncs at anyway), which

@@ -50,11 +50,7 @@ def _run(config, workdir: str, start_time: float) -> dict:
         f"{len(eval_source)} eval); {jax.device_count()} device(s) in {jax.process_count()} "
         f"process(es), mesh {dict(mesh.shape)}; {num_steps} steps of {config.batch_size}.")
     parts = build.training_parts(config, mesh, num_steps, steps_per_epoch)
-    if len(parts.train_steps) > 1:
-      reporter.log(f"Compiled train steps for {', '.join(map(str, parts.train_steps))} px and the "
-                   f"eval step in {parts.compile_seconds:.1f}s.")
-    else:
-      reporter.log(f"Compiled train and eval steps in {parts.compile_seconds:.1f}s.")
+    reporter.log(parts.compiled_message())
     batches = pipeline.train_batches_on_devices(config.data, train_source, config.batch_size,
                                                 config.seed, sharding.batch_sharding(mesh),
                                                 steps_per_epoch)
@@ -78,8 +74,7 @@ def _run(config, workdir: str, start_time: float) -> dict:
         checkpointer.wait()  # the last step is on disk before the (long) final evaluation
         final = evaluate(outcome["state"], num_steps)
         if guard.any_process_received():  # during the evaluation: its step is saved
-          reporter.log(f"Stopped by {guard.received or 'a signal to another process'} during "
-                       f"the final evaluation; step "
+          reporter.log(f"Stopped by {guard.source} during the final evaluation; step "
                        f"{num_steps} is saved in {checkpointer.step_dir(num_steps)}. Run the "
                        "same command to evaluate and export it.")
           return {"preempted": True, "step": num_steps, "signal": guard.received}
@@ -131,8 +126,7 @@ def _steps(config, parts, state, start_step: int, batches, evaluate, checkpointe
                               num_steps)
   for step in range(start_step + 1, num_steps + 1):
     batch = next(batches)
-    # The step compiled for this batch's size (one per size of config.data.resize_schedule).
-    state, step_metrics = parts.train_steps[batch["image"].shape[1]](state, batch)
+    state, step_metrics = parts.train_step_for(batch)(state, batch)
     log.add(step, step_metrics)
     logged = step % config.log_every_steps == 0 or step == num_steps
     if logged:
@@ -143,16 +137,14 @@ def _steps(config, parts, state, start_step: int, batches, evaluate, checkpointe
       eval_results = evaluate(state, step)
     saving = checkpointer.should_save(step, num_steps)
     stop = guard.should_stop(host_waits=logged or saving or eval_results is not None)
-    if (saving or stop
-        or (eval_results and config.checkpoint.best_metric)):
+    if saving or stop or (eval_results and config.checkpoint.best_metric):
       log.check_finite()  # never save a non-finite state
       # The position counts the batches this loop took, not those read ahead.
       blocked = checkpointer.save(step, state, batches.position, metrics=eval_results)
       reporter.write(step, "checkpoint", {"save_blocked_seconds": blocked})
     if stop:
       checkpointer.wait()
-      reporter.log(f"Stopped by {guard.received or 'a signal to another process'} after "
-                   f"step {step}; saved {checkpointer.step_dir(step)}. Run the same "
-                   "command to resume.")
+      reporter.log(f"Stopped by {guard.source} after step {step}; saved "
+                   f"{checkpointer.step_dir(step)}. Run the same command to resume.")
       return {"preempted": True, "step": step, "signal": guard.received}
   return {"state": state, "start_step": start_step, "train_seconds": log.elapsed()}

@@ -119,7 +119,7 @@ def test_a_resumed_run_continues_the_average_bit_for_bit(tmp_path):
   saver.close()
   loader = checkpoint.Checkpointer(str(tmp_path), config.checkpoint, 1,
                                    checkpoint.run_metadata(config))
-  state = loader.restore(2, abstract, None, restore_data=False)
+  state = loader.restore(2, abstract)
   loader.close()
   assert isinstance(state, steps.EmaTrainState)
   for batch in batches[2:]:
