@@ -16,11 +16,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from jaxcls import checkpoint, ema, models, optim, resume, sharding, steps, weights
 from jaxcls import workdir as workdir_lib
-from jaxcls.data import resolution, sources
+from jaxcls.data import pipeline, resolution, sources
+from jaxcls.models import whitening
 from jaxcls.errors import CheckpointError, ConfigError
 
 # Steps that compile faster than this are not worth a cache file (and eager ops would add
@@ -104,17 +106,28 @@ def create_train_state(model, tx, config, mesh, log=logging.info):
   No device ever holds a full copy of a parameter that the mesh splits. With
   `config.model.init_from`, the parameters and BatchNorm statistics are then replaced by
   those weights (each array placed shard by shard) and the optimizer state made for them.
+  Otherwise a model with a patch-whitening stem gets its filters from the training split.
   """
   _, shardings = abstract_train_state(model, tx, config, mesh)
   init = jax.jit(_initializer(model, tx, config), out_shardings=shardings)
   state = init(jax.random.key(config.seed))
+  variables = None
   if config.model.get("init_from"):
     variables = weights.init_variables(
         config.model, {"params": state.params, "batch_stats": state.batch_stats}, log)
+  elif whitening.has_whitening(state.params):
+    source = create_sources(config)[0]
+    images = pipeline.read_images(config.data, source, whitening.sample_indices(len(source)))
+    normalized = (images / 255.0 - np.asarray(config.data.mean)) / np.asarray(config.data.std)
+    log(f"Patch-whitening filters computed from {len(images)} images of {source.name}.")
+    variables = {"params": whitening.initialize(state.params, normalized),
+                 "batch_stats": state.batch_stats}
+  if variables is not None:
     variables = jax.tree.map(_place, variables,
                              {"params": state.params, "batch_stats": state.batch_stats})
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(variables["params"])
-    log(f"Started from the weights in {config.model.init_from}.")
+    if config.model.get("init_from"):
+      log(f"Started from the weights in {config.model.init_from}.")
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
                           opt_state=opt_state)
     if ema.enabled(config):  # the average starts at the loaded weights too

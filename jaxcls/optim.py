@@ -16,6 +16,7 @@ from absl import logging
 
 from jaxcls import sharding
 from jaxcls.errors import ConfigError, check_at_least, check_choice, check_in_range
+from jaxcls.models import whitening
 
 NAMES = ("sgd", "lars", "lamb", "adamw")
 SCHEDULES = ("cosine", "constant", "step", "polynomial")
@@ -91,13 +92,15 @@ def create_schedule(optim_config, batch_size: int, total_steps: int,
   return optax.join_schedules([warmup, after_warmup], [warmup_steps])
 
 
+_NOT_DECAYED = ("bias", "scale", whitening.PARAM)
+
+
 def decay_mask(params):
   """True for the leaves weight decay (and LARS's trust ratio) applies to: kernels, not
-  BatchNorm scales or biases. The params' own tree, so it also serves the partial trees
-  optax.multi_transform hands each group."""
+  BatchNorm scales, biases or fixed whitening filters (models/whitening.py). The params' own
+  tree, so it also serves the partial trees optax.multi_transform hands each group."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: sharding.path_name(path).rsplit("/", 1)[-1] not in ("bias", "scale"),
-      params)
+      lambda path, _: sharding.path_name(path).rsplit("/", 1)[-1] not in _NOT_DECAYED, params)
 
 
 def param_labels(optim_config):

@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import helpers
+from jaxcls import build, optim
 from jaxcls import config as config_lib
 from jaxcls import models
-from jaxcls.models import resnet
+from jaxcls.data import pipeline
+from jaxcls.errors import ConfigError
+from jaxcls.models import resnet, whitening
 from runner import REPO
 
 
@@ -222,3 +226,76 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
   assert models.resolve_dtype('bfloat16', 'cpu') == jnp.bfloat16
   model = models.create_model(model_config(dtype='auto'), 10)  # the tests run on the CPU
   assert model.dtype == jnp.float32
+
+
+# Patch whitening (models/whitening.py), the cnn's 'whiten' stem.
+
+
+def _correlated_images(n=64, size=12, seed=0):
+  """Images whose neighbouring pixels and channels are strongly correlated, like photos."""
+  rng = np.random.default_rng(seed)
+  smooth = rng.normal(size=(n, size + 1, size + 1, 1))
+  smooth = (smooth[:, 1:, 1:] + smooth[:, :-1, :-1] + smooth[:, 1:, :-1]) / 3
+  return (smooth * np.array([1.0, 0.8, 0.6]) + 0.3 * rng.normal(size=(n, size, size, 3)) + 2.0)
+
+
+def test_whitening_filters_decorrelate_the_patches_they_were_computed_from():
+  images = _correlated_images()
+  filters = whitening.patch_whitening_filters(images, 2, epsilon=0.0)
+  assert filters.shape == (2, 2, 3, 24)
+  np.testing.assert_array_equal(filters[..., 12:], -filters[..., :12])
+  y = np.asarray(jax.lax.conv_general_dilated(
+      images.astype(np.float32), filters[..., :12], (1, 1), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))).reshape(-1, 12)
+  # Unit variance, no correlation: the covariance of the responses is the identity.
+  np.testing.assert_allclose(np.cov(y.T, bias=True), np.eye(12), atol=2e-3)
+  # The input's own covariance was far from it.
+  x = np.lib.stride_tricks.sliding_window_view(images, (2, 2), axis=(1, 2)).reshape(-1, 12)
+  assert np.abs(np.corrcoef(x.T) - np.eye(12)).max() > 0.5
+
+
+def test_whiten_stem_filters_get_no_gradient_and_no_weight_decay():
+  model = models.create_model(model_config(name='cnn', stem='whiten', width=4), 10)
+  x = jnp.asarray(_correlated_images(4, 32), jnp.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+  params = whitening.initialize(variables['params'], np.asarray(x))
+  assert whitening.has_whitening(params)
+  filters = params['stem_whitening'][whitening.PARAM]
+  assert filters.shape == (2, 2, 3, 24) and np.abs(filters).max() > 0
+  # 32px in, 31px after the 2x2 valid filters, then 15, 7 and 3 px in the stages.
+  features = model.apply({**variables, 'params': params}, x, train=False,
+                         capture_intermediates=True, mutable=['intermediates'])[1]
+  assert features['intermediates']['stem_whitening']['__call__'][0].shape == (4, 31, 31, 24)
+
+  def loss(params):
+    logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                            train=True, mutable=['batch_stats'])
+    return jnp.sum(logits ** 2)
+  params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])  # a non-zero loss
+  grads = jax.grad(loss)(params)
+  np.testing.assert_array_equal(grads['stem_whitening'][whitening.PARAM], 0.0)
+  assert np.abs(grads['stem_whitening']['bias']).max() > 0  # the bias learns
+  mask = optim.decay_mask(params)
+  assert mask['stem_whitening'] == {whitening.PARAM: False, 'bias': False}
+  assert mask['stage1_layer1_conv']['kernel']
+
+
+def test_a_whiten_run_computes_its_filters_from_the_training_split_and_keeps_them():
+  config = helpers.tiny_config(data=1)
+  config.model.name, config.model.stem, config.model.width = 'cnn', 'whiten', 4
+  config.data.update(source='synthetic', synthetic_size=64, num_workers=0)
+  config.optim.weight_decay = 0.1  # large, so a decayed filter would show
+  batches = helpers.synthetic_batches(config, 3)
+  _, params, _ = helpers.train_on_mesh(config, jax.devices()[:1], batches)
+  train_source = build.create_sources(config)[0]
+  images = pipeline.read_images(config.data, train_source, np.arange(len(train_source)))
+  normalized = (images / 255.0 - np.asarray(config.data.mean)) / np.asarray(config.data.std)
+  np.testing.assert_allclose(params['stem_whitening'][whitening.PARAM],
+                             whitening.patch_whitening_filters(normalized, 2), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_whiten_is_a_stem_of_the_cnn_only():
+  models.check_config(model_config(name='cnn', stem='whiten'))
+  with pytest.raises(ConfigError, match="unknown stem 'whiten' for resnet_tiny"):
+    models.check_config(model_config(name='resnet_tiny', stem='whiten'))

@@ -261,6 +261,20 @@ def create_eval_dataset(data_config, source: sources.Source, global_batch_size: 
   return _to_iter_dataset(ds, data_config)
 
 
+def read_images(data_config, source: sources.Source, indices) -> np.ndarray:
+  """uint8 [len(indices), size, size, 3]: these examples decoded and cropped as for evaluation
+  (on the host, whatever config.data.decoder says), read in threads. Every process that asks
+  for the same indices gets the same images."""
+  ds = grain.MapDataset.source([int(i) for i in indices]).map(source.__getitem__)
+  for t in transforms.eval_transforms(data_config):
+    ds = ds.map(t)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
+                                            prefetch_buffer_size=_READ_BUFFER))
+  images = [element["image"] for element in it]
+  size = data_config.image_size
+  return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+
+
 def make_global_batch(local_batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
   """This process's numpy batch -> global jax.Arrays, batch dimension sharded as `sharding` says."""
   if isinstance(local_batch, list):  # a dali.PlannedBatch (worker processes may send a list)

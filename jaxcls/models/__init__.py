@@ -29,6 +29,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet152': resnet.resnet152,
 }
 
+STEMS = {'cnn': cnn.STEMS}  # config.model.stem by model; the ResNets take resnet.STEMS
+
 DTYPES = {
     'float32': jnp.float32,
     'bfloat16': jnp.bfloat16,
@@ -56,10 +58,11 @@ def check_config(model_config) -> None:
     raise ConfigError(
         f'config.model.dtype: unsupported compute dtype {model_config.dtype!r}; '
         f"known: {['auto', *DTYPES]}")
-  if model_config.stem not in resnet.STEMS:
+  stems = STEMS.get(model_config.name, resnet.STEMS)
+  if model_config.stem not in stems:
     raise ConfigError(
-        f'config.model.stem: unknown stem {model_config.stem!r}; '
-        f'known: {list(resnet.STEMS)}')
+        f'config.model.stem: unknown stem {model_config.stem!r} for '
+        f'{model_config.name}; known: {list(stems)}')
   width = model_config.width
   if isinstance(width, bool) or not isinstance(width, int) or width < 1:
     raise ConfigError(
