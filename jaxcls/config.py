@@ -190,7 +190,8 @@ def base_config() -> ml_collections.ConfigDict:
                                               "jaxcls", "xla")
   config.eval_top_k = (1, 5)  # top-k accuracies to report (k >= the class count is skipped)
   # Test-time augmentation at every eval: 'flip' averages the softmax probabilities of each
-  # image and its mirror image, reported beside the plain metrics as tta_* (the same pass).
+  # image and its mirror image; 'flip_shift' also of one-pixel shifts (steps.tta_views: 6
+  # views). Reported beside the plain metrics as tta_* (the same pass).
   config.eval_tta = "none"
 
   # Weight EMA (jaxcls/ema.py): an average of the parameters and BatchNorm statistics, kept

@@ -1,5 +1,5 @@
 """`python -m jaxcls.evaluate --workdir DIR [--step N] [--split NAME] [--weights raw|ema]
-[--tta none|flip]`
+[--tta none|flip|flip_shift]`
 
 Restores a checkpoint of a training run (the latest, or --step), evaluates it exactly on a
 split (the config's eval split, or --split), prints a table (overall, then per class) and
@@ -7,8 +7,9 @@ writes it to the run directory's eval files. Runs on any device count: the state
 resharded onto a data-parallel mesh of the devices present.
 
 --weights: a run that kept a weight EMA is evaluated with it unless config.ema.
-use_for_inference was False or --weights raw (the result records which). --tta flip adds
-the flip-averaged metrics (tta_*); the default is the run's config.eval_tta.
+use_for_inference was False or --weights raw (the result records which). --tta flip (or
+flip_shift) adds the metrics of the views' average (tta_*); the default is the run's
+config.eval_tta.
 """
 
 import argparse

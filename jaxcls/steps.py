@@ -237,7 +237,21 @@ def make_train_step(data_config, optim_config, schedule, grad_accum_steps: int =
   return train_step
 
 
-TTA = ("none", "flip")  # config.eval_tta
+TTA = ("none", "flip", "flip_shift")  # config.eval_tta
+
+
+def tta_views(images: jax.Array, tta: str) -> list[tuple[float, jax.Array]]:
+  """(weight, view) pairs whose weights sum to 1: 'flip' the image and its mirror at 1/2
+  each; 'flip_shift' (airbench) those at 1/4 each, plus the image shifted one pixel down
+  and right and one pixel up and left (edges reflected) and their mirrors at 1/8 each."""
+  mirror = images[:, :, ::-1]  # images are (batch, height, width, channels)
+  if tta == "flip":
+    return [(0.5, images), (0.5, mirror)]
+  height, width = images.shape[1:3]
+  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+  shifted = [padded[:, :height, :width], padded[:, 2:height + 2, 2:width + 2]]
+  return ([(0.25, images), (0.25, mirror)] +
+          [(0.125, view) for s in shifted for view in (s, s[:, :, ::-1])])
 
 
 def make_eval_step(data_config, tta: str = "none"):
@@ -248,9 +262,9 @@ def make_eval_step(data_config, tta: str = "none"):
   scores are log-probabilities: a float32 softmax rounds confident predictions to the same
   1.0 (or 0.0), and such ties change ROC-AUC; log_softmax keeps them apart.
 
-  tta='flip' also returns `tta_loss` and `tta_scores`: the average of the softmax
-  probabilities of each image and its horizontal mirror (as log-probabilities: log of the
-  mean probability), from the same batch.
+  tta='flip' or 'flip_shift' also returns `tta_loss` and `tta_scores`: the weighted average
+  of the softmax probabilities of each image's views (tta_views), as log-probabilities (log
+  of the mean probability), from the same batch.
   """
   num_classes = data_config.num_classes
   mean, std = tuple(data_config.mean), tuple(data_config.std)
@@ -270,10 +284,15 @@ def make_eval_step(data_config, tta: str = "none"):
         "label": labels,
         "mask": batch["mask"],
     }
-    if tta == "flip":  # images are (batch, height, width, channels)
-      mirrored = state.apply_fn(variables, images[:, :, ::-1], train=False)
-      tta_scores = jnp.logaddexp(
-          scores, jax.nn.log_softmax(mirrored.astype(jnp.float32), axis=-1)) - jnp.log(2.0)
+    if tta != "none":
+      views = tta_views(images, tta)
+      view_scores = [  # the plain view's scores are there already
+          scores if view is images else
+          jax.nn.log_softmax(state.apply_fn(variables, view, train=False).astype(jnp.float32),
+                             axis=-1)
+          for _, view in views]
+      log_weights = jnp.log(jnp.asarray([weight for weight, _ in views]))[:, None, None]
+      tta_scores = jax.nn.logsumexp(jnp.stack(view_scores) + log_weights, axis=0)
       label_scores = jnp.take_along_axis(tta_scores, labels[:, None], axis=-1)[:, 0]
       outputs.update(tta_loss=-jnp.sum(label_scores * mask), tta_scores=tta_scores)
     return outputs

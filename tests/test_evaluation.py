@@ -116,6 +116,29 @@ def test_flip_tta_averages_each_example_with_its_mirror_once_on_a_padded_split()
   assert abs(result["tta_loss"] - result["loss"]) > 1e-3  # the mirror images score otherwise
 
 
+def test_flip_shift_tta_weights_eight_views_of_each_example_once_on_a_padded_split():
+  split = padded_split("flip_shift")
+  result = evaluation.evaluate(split.eval_step, split.state, split.dataset, split.mesh,
+                               split.source.class_names)
+  assert result["tta_num_examples"] == result["num_examples"] == 13
+
+  def probabilities(inputs):
+    return np.asarray(jax.nn.softmax(split.model.apply(split.variables, inputs, train=False)),
+                      np.float64)
+
+  # By hand: a one-pixel shift down-right and up-left with reflected edges, and mirrors.
+  x = np.asarray(split.inputs)
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+  down_right, up_left = padded[:, :-2, :-2], padded[:, 2:, 2:]
+  assert np.array_equal(down_right[:, 1:, 1:], x[:, :-1, :-1])
+  averaged = (probabilities(x) + probabilities(x[:, :, ::-1])) / 4 + sum(
+      probabilities(v) + probabilities(v[:, :, ::-1]) for v in (down_right, up_left)) / 8
+  assert_same_metrics(result, metrics.classification_metrics(
+      np.log(averaged), split.labels, split.source.class_names, (1, 5)), prefix="tta_")
+  tta_loss = -np.mean(np.log(averaged[np.arange(13), split.labels]))
+  assert result["tta_loss"] == pytest.approx(tta_loss, rel=1e-4)
+
+
 def test_flip_tta_of_mirror_symmetric_images_is_the_plain_evaluation():
   split = padded_split("flip")
   half = split.images[:, :, :4]
