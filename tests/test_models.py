@@ -299,3 +299,26 @@ def test_whiten_is_a_stem_of_the_cnn_only():
   models.check_config(model_config(name='cnn', stem='whiten'))
   with pytest.raises(ConfigError, match="unknown stem 'whiten' for resnet_tiny"):
     models.check_config(model_config(name='resnet_tiny', stem='whiten'))
+
+
+def test_identity_init_starts_the_cnn_convs_as_identities_on_their_first_channels():
+  cfg = model_config(name='cnn', width=4, identity_init=True)
+  variables = models.create_model(cfg, 10).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                                                train=False)
+  plain = models.create_model(model_config(name='cnn', width=4), 10).init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+  kernel = np.asarray(variables['params']['stage1_layer2_conv']['kernel'])  # 8 -> 8 channels
+  x = np.random.default_rng(0).normal(size=(1, 5, 5, 8)).astype(np.float32)
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(y, x, rtol=1e-6)  # every filter passes its channel through
+  widening = np.asarray(variables['params']['stage2_layer1_conv']['kernel'])  # 8 -> 16
+  y = jax.lax.conv_general_dilated(x, widening, (1, 1), 'SAME',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(y[..., :8], x, rtol=1e-6)
+  # The other filters are drawn as without it (same key, same layer).
+  np.testing.assert_array_equal(
+      widening[..., 8:], plain['params']['stage2_layer1_conv']['kernel'][..., 8:])
+  assert np.abs(widening[..., 8:]).max() > 0
+  with pytest.raises(ConfigError, match='identity_init=True: only cnn'):
+    models.check_config(model_config(identity_init=True))

@@ -1,7 +1,7 @@
 """Model registry: `config.model.name` -> constructor.
 
 Every constructor takes keyword arguments num_classes, width, stem, dtype,
-zero_init_residual and bn_momentum and returns a flax.linen.Module whose
+zero_init_residual and bn_momentum (those in IDENTITY_INIT also identity_init) and returns a flax.linen.Module whose
 `__call__(x, train)` maps float32 NHWC images to float32 logits. A model with BatchNorm has a
 `bn_axis_name` field (default None) that its BatchNorm layers pass on as `axis_name`: gradient
 accumulation (jaxcls/steps.py) sets it to average the statistics over the devices.
@@ -30,6 +30,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 STEMS = {'cnn': cnn.STEMS}  # config.model.stem by model; the ResNets take resnet.STEMS
+IDENTITY_INIT = ('cnn',)  # the models that take config.model.identity_init
 
 DTYPES = {
     'float32': jnp.float32,
@@ -67,6 +68,10 @@ def check_config(model_config) -> None:
   if isinstance(width, bool) or not isinstance(width, int) or width < 1:
     raise ConfigError(
         f'config.model.width: must be a positive int, got {width!r}')
+  if model_config.get('identity_init') and model_config.name not in IDENTITY_INIT:
+    raise ConfigError(
+        f'config.model.identity_init=True: only {", ".join(IDENTITY_INIT)} has it, not '
+        f'config.model.name={model_config.name!r}')
   if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ConfigError(
         f'config.model.bn_momentum: must be in [0, 1), got '
@@ -100,7 +105,10 @@ def check_init_from(model_config) -> None:
 def create_model(model_config, num_classes: int) -> nn.Module:
   """Builds the (unbound) model named by `config.model.name`."""
   check_config(model_config)
+  # Passed only when asked for: the ResNets' constructors do not take it.
+  extra = {'identity_init': True} if model_config.get('identity_init') else {}
   return MODELS[model_config.name](
+      **extra,
       num_classes=num_classes,
       width=model_config.width,
       stem=model_config.stem,

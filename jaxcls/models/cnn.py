@@ -22,6 +22,21 @@ from jaxcls.models import whitening
 STEMS = ('small', 'whiten')
 
 
+def identity_init(base):
+  """A conv kernel initializer: output channel o < min(in, out) starts as the identity on input
+  channel o (a 1 at the kernel's centre; airbench's dirac init, which trains faster in short
+  runs), the other output channels as `base` draws them."""
+
+  def init(key, shape, dtype=jnp.float32):
+    height, width, inputs, outputs = shape
+    n = min(inputs, outputs)
+    identity = jnp.zeros((height, width, inputs, n), dtype)
+    identity = identity.at[height // 2, width // 2, jnp.arange(n), jnp.arange(n)].set(1)
+    return base(key, shape, dtype).at[..., :n].set(identity)
+
+  return init
+
+
 class CNN(nn.Module):
   """Plain conv-BN-ReLU network; `width` is the channels of the first conv."""
 
@@ -31,6 +46,7 @@ class CNN(nn.Module):
   bn_momentum: float = 0.9
   bn_axis_name: Any = None  # see resnet._Common
   stem: str = 'small'
+  identity_init: bool = False  # see identity_init
 
   def _block(self, x, features, train, name):
     x = nn.Conv(
@@ -38,7 +54,7 @@ class CNN(nn.Module):
         (3, 3),
         padding=((1, 1), (1, 1)),
         use_bias=False,  # BatchNorm follows.
-        kernel_init=resnet.conv_init,
+        kernel_init=identity_init(resnet.conv_init) if self.identity_init else resnet.conv_init,
         dtype=self.dtype,
         param_dtype=jnp.float32,
         name=f'{name}_conv',
@@ -79,8 +95,9 @@ class CNN(nn.Module):
     )(x)
 
 
-def cnn(*, num_classes, width, dtype, bn_momentum, stem='small', zero_init_residual=None):
+def cnn(*, num_classes, width, dtype, bn_momentum, stem='small', zero_init_residual=None,
+        identity_init=False):
   """Registry constructor; `zero_init_residual` does not apply (no residual blocks)."""
   del zero_init_residual
   return CNN(num_classes=num_classes, width=width, dtype=dtype, bn_momentum=bn_momentum,
-             stem=stem)
+             stem=stem, identity_init=identity_init)
