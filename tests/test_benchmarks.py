@@ -4,6 +4,7 @@ No test here asserts a time: these machines are shared and noisy.
 """
 
 import json
+import math
 import shutil
 import sys
 
@@ -102,15 +103,23 @@ def test_zero_stages_benchmark_prints_step_time_and_xla_memory_per_stage(tmp_pat
 
 def test_training_compute_counts_flops_in_proportion_to_the_steps(tmp_path):
   out = tmp_path / "compute.json"
+  epochs = harness.load_config("configs/default.py").num_epochs
+  steps_per_epoch = 10_000 // harness.load_config("configs/default.py").batch_size
   result = run_benchmark("training_compute.py", tmp_path, "configs/default.py",
-                         "--set", "num_epochs=7.5", "--json", str(out))
+                         "--set", f"num_epochs={2 * epochs}", "--json", str(out))
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads(out.read_text())
-  full, half = rows["as given"], rows["num_epochs=7.5"]
-  assert (full["steps"], half["steps"]) == (1170, 585) and full["evals"] == 3
-  assert half["step_gflops"] == pytest.approx(full["step_gflops"]) and full["step_gflops"] > 1
-  assert half["train_gflops"] == pytest.approx(full["train_gflops"] / 2)
-  assert "ratio overrides/as given: 0.50" in result.stdout
+  given, double = rows["as given"], rows[f"num_epochs={2 * epochs}"]
+  assert given["steps"] == math.ceil(epochs * steps_per_epoch)
+  assert double["steps"] == math.ceil(2 * epochs * steps_per_epoch)
+  assert double["step_gflops"] == pytest.approx(given["step_gflops"]) and given["step_gflops"] > 1
+  assert double["train_gflops"] == pytest.approx(given["train_gflops"] * double["steps"]
+                                                 / given["steps"])
+  # Each evaluation costs the same; the longer run may make more of them.
+  assert double["eval_gflops"] / double["evals"] == pytest.approx(
+      given["eval_gflops"] / given["evals"])
+  ratio = double["total_gflops"] / given["total_gflops"]
+  assert f"ratio overrides/as given: {ratio:.3f}" in result.stdout
 
 
 def test_decode_breakdown_times_each_part(tmp_path):
@@ -119,3 +128,14 @@ def test_decode_breakdown_times_each_part(tmp_path):
   lines = [l for l in result.stdout.splitlines() if " us  " in l]
   assert len(lines) == 7 and all(float(l.split()[0]) > 0 for l in lines)
   assert "jaxcls's whole path" in lines[0] and "median box width" in result.stdout
+
+
+def test_recipe_search_reports_accuracy_and_flops_of_a_short_run(tmp_path):
+  out = tmp_path / "runs.jsonl"
+  result = run_benchmark("recipe_search.py", tmp_path, "--epochs", "0.05", "--whiten", "2",
+                         "--widths", "0,8,16,32", "--dirac", "1", "--tta", "2", "--jsonl",
+                         str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = json.loads(out.read_text().splitlines()[-1])
+  assert 0.0 <= line["acc"] <= 1.0 and line["train_gflop"] > 0
+  assert json.loads(result.stdout.splitlines()[-1]) == line
