@@ -81,8 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = "auto"
   config.model.zero_init_residual = True  # last BatchNorm scale of each block starts at 0
   config.model.bn_momentum = 0.9
-  # cnn only: each 3x3 conv's first min(in, out) filters start as the identity (airbench's
-  # dirac init; models/cnn.py), the rest as usual.
+  # cnn only (the ResNets ignore it): each 3x3 conv's first min(in, out) filters start as the
+  # identity (airbench's dirac init; models/cnn.py), the rest as usual.
   config.model.identity_init = False
   # Start training from these weights (docs/guide.md "Start from pretrained weights"): a
   # jaxcls export directory (a run's export/, or `python -m jaxcls.weights import`'s output)

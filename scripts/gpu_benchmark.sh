@@ -105,11 +105,11 @@ C10_RUN="$SCRATCH/cifar10"
 if [[ $SMOKE == 1 ]]; then
   TS_ARGS=(--rows smoke --rounds 1 --steps 2)
   E2E_COMMON=(--rounds 1 --steps 2 --work "$WORK")
-  E2E_CIFAR=(--limit 512 --set "model.name='resnet_tiny'" --set model.width=8)
+  E2E_CIFAR=(--limit 512 --set "model.name='resnet_tiny'" --set "model.stem='small'" --set model.width=8)
   E2E_IMAGENET=(--imagenet_like 64 --classes 4 --photo_size 96x72 --resize 64
                 --set data.image_size=48 --set data.eval_resize=56)
   DECODE_ARGS=(--rounds 1 --seconds 0.1 --seeds 2)
-  CIFAR_ARGS=(--config.num_train_steps=20 --config.model.name=resnet_tiny --config.model.width=8
+  CIFAR_ARGS=(--config.num_train_steps=20 --config.model.name=resnet_tiny --config.model.stem=small --config.model.width=8
               --config.batch_size=128 --config.eval_every_epochs=0)
 else
   TS_ARGS=(--gpu --torch --rounds 3 --seconds 2)

@@ -41,7 +41,7 @@ def trained_workdir(tmp_path_factory):
   """A finished 6-step run with periodic evals, its report and checkpoints (for evaluate,
   predict, report and the eval / plot files)."""
   workdir = tmp_path_factory.mktemp("run")
-  result = run_main(workdir, "--config.model.name=resnet_tiny", "--config.model.width=8",
+  result = run_main(workdir, "--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
                     "--config.num_train_steps=6", "--config.log_every_steps=2",
                     "--config.batch_size=64", "--config.eval_every_epochs=0.02")
   assert result.returncode == 0, result.stderr[-3000:]

@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The run that tests/conftest.py's `reference` fixture trains once per session: every fault
 # test (kill -9, SIGTERM, a damaged checkpoint) must reproduce it bit for bit.
 REFERENCE_STEPS = 24
-REFERENCE_RUN = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+REFERENCE_RUN = ("--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
                  f"--config.num_train_steps={REFERENCE_STEPS}", "--config.log_every_steps=1",
                  "--config.batch_size=64", "--config.checkpoint.every_steps=4",
                  "--config.eval_batch_size=512")

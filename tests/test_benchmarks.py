@@ -54,7 +54,7 @@ def test_end_to_end_benchmark_prints_the_pipeline_ratios(tmp_path):
   result = run_benchmark(
       "end_to_end.py", tmp_path, "--cifar", str(data), "--limit", "256", "--rounds", "1",
       "--steps", "2", "--work", str(tmp_path / "work"), "--json", str(out),
-      "--set", "model.name='resnet_tiny'", "--set", "model.width=8", "--set", "batch_size=64",
+      "--set", "model.name='resnet_tiny'", "--set", "model.stem='small'", "--set", "model.width=8", "--set", "batch_size=64",
       "--set", "data.num_workers=0")
   assert result.returncode == 0, result.stderr[-3000:]
   rows = {r["input"]: r for r in json.loads(out.read_text())["rows"]}
@@ -91,7 +91,7 @@ def test_eval_metrics_benchmark_prints_the_ratio_against_sklearn(tmp_path):
 def test_zero_stages_benchmark_prints_step_time_and_xla_memory_per_stage(tmp_path):
   result = run_benchmark(
       "zero_stages.py", tmp_path, "--devices", "2", "--stages", "0,3", "--rounds", "1",
-      "--seconds", "0.1", "--set", "model.name='resnet_tiny'", "--set", "model.width=8",
+      "--seconds", "0.1", "--set", "model.name='resnet_tiny'", "--set", "model.stem='small'", "--set", "model.width=8",
       "--set", "data.image_size=8", "--set", "batch_size=8", "--set", "mesh.fsdp_min_size=256")
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [line for line in result.stdout.splitlines() if line.startswith("| 3 |")]

@@ -7,7 +7,7 @@ from runner import run_command, run_main
 
 def test_second_start_loads_the_compiled_steps_from_the_cache(tmp_path):
   cache = tmp_path / "xla_cache"
-  args = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+  args = ("--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
           "--config.num_train_steps=2",
           "--config.batch_size=64", f"--config.compilation_cache_dir={cache}")
   for run in ("first", "second"):

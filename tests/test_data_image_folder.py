@@ -231,7 +231,7 @@ def test_training_on_a_hostile_folder_reads_what_it_can_and_says_what_not(tmp_pa
                     f"--config.data.path={root}", "--config.data.eval_fraction=0.25",
                     "--config.data.num_classes=2", "--config.data.num_workers=0",
                     "--config.batch_size=8", "--config.eval_batch_size=8",
-                    "--config.num_train_steps=2", "--config.model.name=resnet_tiny",
+                    "--config.num_train_steps=2", "--config.model.name=resnet_tiny", "--config.model.stem=small",
                     "--config.model.width=8", devices=1, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "(13 train / 4 eval)" in result.stdout  # 17 images: 16 and caf\xe9.png

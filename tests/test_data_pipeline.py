@@ -320,7 +320,7 @@ def test_two_processes_read_what_one_process_reads(tmp_path):
 
 
 # A main run with two grain worker processes, long enough to be stopped mid-way.
-WORKER_RUN = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+WORKER_RUN = ("--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
               "--config.batch_size=64", "--config.num_train_steps=500",
               "--config.log_every_steps=1", "--config.checkpoint.every_steps=500",
               "--config.data.num_workers=2")

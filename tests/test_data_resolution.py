@@ -107,7 +107,7 @@ def test_the_fast_imagenet_config_runs_its_schedule_end_to_end(tmp_path):
   """configs/imagenet_resnet50_fast.py, all 24 epochs, on a tiny model and 32 synthetic images
   (2 steps an epoch): 160 px, then 192 px from epoch 13, evaluated at 224 with flips."""
   result = run_main(tmp_path, "--config.data.source=synthetic", "--config.data.synthetic_size=32",
-                    "--config.data.num_classes=10", "--config.model.name=resnet_tiny",
+                    "--config.data.num_classes=10", "--config.model.name=resnet_tiny", "--config.model.stem=small",
                     "--config.model.width=8", "--config.batch_size=16",
                     "--config.eval_batch_size=32", "--config.log_every_steps=2",
                     config="configs/imagenet_resnet50_fast.py", devices=2)

@@ -61,7 +61,7 @@ def test_incomplete_distributed_settings_say_what_is_missing(kwargs, environ, me
     distributed.resolve(dist_config(**kwargs), environ=environ)
 
 
-SMOKE = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+SMOKE = ("--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
          "--config.num_train_steps=3", "--config.log_every_steps=1", "--config.batch_size=32",
          "--config.eval_batch_size=512")
 

@@ -145,7 +145,7 @@ def test_a_checkpoint_refuses_a_config_that_turns_the_average_on_or_off(tmp_path
 def test_a_run_with_ema_and_tta_reports_both_exports_the_average_and_inference_chooses(
     tmp_path):
   workdir = tmp_path / "run"
-  result = run_main(workdir, "--config.model.name=resnet_tiny", "--config.model.width=8",
+  result = run_main(workdir, "--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
                     "--config.num_train_steps=6", "--config.batch_size=64",
                     "--config.eval_every_epochs=0.1", "--config.ema.decay=0.5",
                     "--config.log_every_steps=3", "--config.eval_tta=flip")

@@ -37,7 +37,7 @@ def test_evaluate_predict_and_report_on_a_live_run_leave_it_alone(tmp_path):
   """A run that saves every step, read meanwhile by evaluate, predict and report. Before,
   evaluate's checkpoint manager cleaned up the run's in-progress save and the run died."""
   workdir = tmp_path / "live"
-  run = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+  run = ("--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
          "--config.num_train_steps=5000", "--config.log_every_steps=1", "--config.batch_size=64",
          "--config.eval_batch_size=512", "--config.checkpoint.every_steps=1",
          "--config.checkpoint.keep=2")

@@ -11,7 +11,7 @@ from helpers import write_image
 from runner import completed_steps, main_command, records, run_command, run_main, start_main
 from runner import wait_for_line
 
-SMOKE = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+SMOKE = ("--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
          "--config.num_train_steps=6", "--config.log_every_steps=3", "--config.batch_size=64",
          "--config.eval_batch_size=512")
 

@@ -165,7 +165,7 @@ def test_train_resume_evaluate_predict_and_report_with_workdir_and_data_in_a_buc
   for split in ("train", "test"):
     (data / f"{split}.npz").write_bytes((bundled / f"cifar10_sample_{split}.npz").read_bytes())
   run = f"{bucket}/runs/r1"
-  common = ("--config.model.name=resnet_tiny", "--config.model.width=8",
+  common = ("--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8",
             "--config.log_every_steps=1", "--config.batch_size=64",
             "--config.eval_batch_size=512", "--config.checkpoint.every_steps=2",
             "--config.data.source=npz", f"--config.data.path={data}")

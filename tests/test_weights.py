@@ -337,7 +337,7 @@ def test_a_run_exported_to_torchvision_and_back_starts_a_new_run(trained_workdir
   imported, _ = checkpoint.load_export(str(tmp_path / "imported"))
   jax.tree.map(np.testing.assert_array_equal, imported,
                checkpoint.load_export(str(trained_workdir / "export"))[0])
-  run = ("--config.model.name=resnet_tiny", "--config.model.width=8", "--config.batch_size=64",
+  run = ("--config.model.name=resnet_tiny", "--config.model.stem=small", "--config.model.width=8", "--config.batch_size=64",
          f"--config.model.init_from={tmp_path / 'imported'}", "--config.optim.freeze=^stem_")
   result = run_main(tmp_path / "finetune", *run, "--config.num_train_steps=2")
   assert result.returncode == 0, result.stderr[-3000:]

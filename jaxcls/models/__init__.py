@@ -30,7 +30,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 STEMS = {'cnn': cnn.STEMS}  # config.model.stem by model; the ResNets take resnet.STEMS
-IDENTITY_INIT = ('cnn',)  # the models that take config.model.identity_init
+IDENTITY_INIT = ('cnn',)  # the models that take config.model.identity_init; others ignore it
 
 DTYPES = {
     'float32': jnp.float32,
@@ -63,15 +63,12 @@ def check_config(model_config) -> None:
   if model_config.stem not in stems:
     raise ConfigError(
         f'config.model.stem: unknown stem {model_config.stem!r} for '
-        f'{model_config.name}; known: {list(stems)}')
+        f'{model_config.name}; known: {list(stems)} (configs/default.py gives its cnn '
+        f"'whiten': add --config.model.stem=small when switching it to a ResNet)")
   width = model_config.width
   if isinstance(width, bool) or not isinstance(width, int) or width < 1:
     raise ConfigError(
         f'config.model.width: must be a positive int, got {width!r}')
-  if model_config.get('identity_init') and model_config.name not in IDENTITY_INIT:
-    raise ConfigError(
-        f'config.model.identity_init=True: only {", ".join(IDENTITY_INIT)} has it, not '
-        f'config.model.name={model_config.name!r}')
   if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ConfigError(
         f'config.model.bn_momentum: must be in [0, 1), got '
@@ -105,8 +102,10 @@ def check_init_from(model_config) -> None:
 def create_model(model_config, num_classes: int) -> nn.Module:
   """Builds the (unbound) model named by `config.model.name`."""
   check_config(model_config)
-  # Passed only when asked for: the ResNets' constructors do not take it.
-  extra = {'identity_init': True} if model_config.get('identity_init') else {}
+  # Passed only to the models that take it (ResNets start their blocks as identities through
+  # zero_init_residual instead).
+  extra = ({'identity_init': True} if model_config.get('identity_init')
+           and model_config.name in IDENTITY_INIT else {})
   return MODELS[model_config.name](
       **extra,
       num_classes=num_classes,
