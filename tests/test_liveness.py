@@ -86,7 +86,7 @@ def test_a_lost_coordinator_is_named_after_the_timeout():
 
 
 # A run long enough to be killed mid-way, checkpointed every few steps, with a short timeout.
-LONG = (*SMOKE[:2], *SMOKE[3:], "--config.num_train_steps=100000",
+LONG = (*SMOKE[:3], *SMOKE[4:], "--config.num_train_steps=100000",
         "--config.checkpoint.every_steps=5", "--config.distributed.peer_timeout_seconds=6")
 
 

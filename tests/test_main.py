@@ -114,8 +114,8 @@ def test_unusable_command_line_is_one_line_before_compiling(tmp_path, case, mess
 
 def test_second_run_on_a_live_workdir_is_refused_and_the_first_keeps_its_metrics(tmp_path):
   """Before the lock, the second run truncated the first's metrics.jsonl and both saved."""
-  run = (*SMOKE[:2], "--config.num_train_steps=2000", "--config.log_every_steps=1",
-         *SMOKE[4:])
+  run = (*SMOKE[:3], "--config.num_train_steps=2000", "--config.log_every_steps=1",
+         *SMOKE[5:])
   first = start_main(tmp_path, *run)
   wait_for_line(first, "Compiled")
   second = run_main(tmp_path, *run)
