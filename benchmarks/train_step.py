@@ -45,7 +45,8 @@ ROWS = {
     # For tests: seconds, not minutes.
     "smoke": [
         ("resnet_tiny w8 32px b16", "configs/default.py",
-         ["model.name='resnet_tiny'", "model.width=8", "batch_size=16"], True),
+         ["model.name='resnet_tiny'", "model.stem='small'", "model.width=8", "batch_size=16"],
+         True),
     ],
 }
 
