@@ -35,7 +35,7 @@ from PIL import Image
 
 import harness
 from jaxcls.data import convert, pipeline, sources
-from jaxcls import sharding
+from jaxcls import dispatch, sharding
 
 # (config file, overrides) per dataset and machine size.
 CONFIGS = {
@@ -128,9 +128,10 @@ class Shared:
 
   def steps(self, batches, n: int) -> float:
     start = time.perf_counter()
-    state = self.state
+    state, in_flight = self.state, dispatch.StepsInFlight()
     for _ in range(n):
-      state, _ = self.step(state, next(batches))
+      state, metrics = self.step(state, next(batches))
+      in_flight.add(metrics)  # a few steps ahead, as in the loop
     jax.block_until_ready(state)
     self.state = state
     return time.perf_counter() - start

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from jaxcls import workdir as workdir_lib
+from jaxcls import dispatch, workdir as workdir_lib
 
 
 _LONGEST_DURATION = 1000 * 3600  # beyond this an estimate says nothing a user can plan with
@@ -82,14 +82,21 @@ class Reporter:
     if self.enabled:
       print(message, file=self.stream, flush=True)
 
-  def close(self) -> None:
-    """Closes the files; safe to call again."""
-    if self._jsonl:
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb:
-      self._tb.close()
-      self._tb = None
+  def close(self, failing: bool = False) -> None:
+    """Closes the files; safe to call again.
+
+    `failing`: the run is already stopping with an error, which says more than a failed close
+    would (a full disk fails both: the one-line checkpoint error must not turn into a
+    TensorBoard traceback). Every record was flushed when written, so none is lost.
+    """
+    jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None
+    for file in (jsonl, tb):
+      try:
+        if file:
+          file.close()
+      except OSError:
+        if not failing:
+          raise
 
 
 def fetch_history(history: list) -> list:
@@ -124,18 +131,20 @@ class TrainLog:
     self.start_step = start_step
     self.num_steps = num_steps
     self.history = []  # (step, device metrics) since the last log step
+    self.in_flight = dispatch.StepsInFlight()  # the host stays a few steps ahead, no more
     self.start_time = self.last_time = time.time()
     self.last_step = start_step
 
   def add(self, step: int, metrics) -> None:
     self.history.append((step, metrics))
+    self.in_flight.add(metrics)
 
   def check_finite(self) -> None:
     """Fetches the pending metrics and raises if any is non-finite (before every save)."""
     fetch_history(self.history)
 
   def flush(self, step: int) -> dict:
-    """The one host sync between log steps: mean metrics, images/s, epoch; written and shown."""
+    """The one fetch between log steps: mean metrics, images/s, epoch; written and shown."""
     summary = mean_metrics(fetch_history(self.history))
     self.history = []
     now = time.time()

@@ -4,13 +4,13 @@
 runs is built by jaxcls.build before the first batch; this module only drives it.
 """
 
+import sys
 import time
 
 import jax
 
 from jaxcls import build, checkpoint, config as config_lib, ema, evaluation, plots, preemption
-from jaxcls import reporter as reporter_lib, resume, runlock, sharding
-from jaxcls import workdir as workdir_lib
+from jaxcls import reporter as reporter_lib, resume, runlock, sharding, workdir as workdir_lib
 from jaxcls.data import corrupt, pipeline
 
 
@@ -102,7 +102,7 @@ def _run(config, workdir: str, start_time: float) -> dict:
                  "in all.")
     return results
   finally:
-    reporter.close()
+    reporter.close(failing=sys.exc_info()[0] is not None)
 
 
 def _resume_or_init(config, parts, mesh, batches, checkpointer, reporter,

@@ -32,6 +32,26 @@ def test_reporter_writes_a_record_per_step_and_split_and_a_progress_line(tmp_pat
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+class _FullDisk:
+  def close(self):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_close_that_fails_is_raised_unless_the_run_is_already_failing(tmp_path):
+  # A full disk fails the checkpoint save first: that one-line error is what the user sees.
+  failing = reporter_lib.Reporter(str(tmp_path / "a"), total_steps=1, stream=io.StringIO())
+  failing._tb.close()
+  failing._tb = _FullDisk()
+  failing.close(failing=True)
+  assert failing._tb is None and failing._jsonl is None
+  healthy = reporter_lib.Reporter(str(tmp_path / "b"), total_steps=1, stream=io.StringIO())
+  healthy._tb.close()
+  healthy._tb = _FullDisk()
+  with pytest.raises(OSError, match="No space left"):
+    healthy.close()
+  healthy.close()  # the files are let go either way
+
+
 def test_a_resumed_reporter_replaces_the_steps_after_the_checkpoint(tmp_path):
   reporter = reporter_lib.Reporter(str(tmp_path), total_steps=3, stream=io.StringIO())
   for step in (1, 2, 3):
