@@ -31,7 +31,7 @@ p.add_argument('--whiten', type=int, default=0)  # 0 off; else patch size (2)
 p.add_argument('--whiten_eps', type=float, default=5e-4)
 p.add_argument('--act', default='relu')
 p.add_argument('--altflip', type=int, default=0)
-p.add_argument('--tta', type=int, default=0)  # 0 none, 1 flip, 2 flip+translate
+p.add_argument('--tta', type=int, default=0)  # 0 none, 1 flip, 2 flip+translate, 3 four shifts
 p.add_argument('--pad', type=int, default=4)
 p.add_argument('--seed', type=int, default=0)
 p.add_argument('--bnmom', type=float, default=0.9)
@@ -41,10 +41,13 @@ p.add_argument('--ema', type=float, default=0.0)
 p.add_argument('--name', default='')
 p.add_argument('--jsonl', default='', help='also append the line to this file')
 p.add_argument('--dirac', type=int, default=0)
+p.add_argument('--bias_lr', type=float, default=1.0, help='lr multiplier of BN scales/biases')
+p.add_argument('--bn_scale', type=int, default=1, help='0: BN without a learned scale')
+p.add_argument('--data_dir', default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  '..', 'jaxcls', 'data', 'bundled'),
+               help='holds cifar10_sample_{train,test}.npz (scripts/make_bundled_sample.py)')
 args = p.parse_args()
-
-BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'jaxcls', 'data',
-                       'bundled')
+BUNDLED = args.data_dir
 
 
 def load(split):
@@ -79,7 +82,8 @@ class Net(nn.Module):
   @nn.compact
   def __call__(self, x, train):
     def bn(x):
-      return nn.BatchNorm(use_running_average=not train, momentum=args.bnmom, epsilon=1e-5)(x)
+      return nn.BatchNorm(use_running_average=not train, momentum=args.bnmom, epsilon=1e-5,
+                          use_scale=bool(args.bn_scale))(x)
     def conv(x, f):
       base = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
       def init(key, shape, dtype=jnp.float32):
@@ -157,6 +161,8 @@ def train_step(params, bstats, opt, ema, x, y, key, epoch, idx):
   (loss, bstats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, bstats, x, y)
   if args.whiten: g = dict(g); g['whiten'] = jnp.zeros_like(g['whiten'])
   upd, opt = tx.update(g, opt, params)
+  if args.bias_lr != 1.0:
+    upd = jax.tree.map(lambda u, m: u if m else u * args.bias_lr, upd, mask)
   params = optax.apply_updates(params, upd)
   if args.ema:
     ema = jax.tree.map(lambda e, p: args.ema * e + (1 - args.ema) * p, ema, (params, bstats))
@@ -169,7 +175,8 @@ def predict(params, bstats, x):
   pr = f(x)
   if args.tta >= 1: pr = pr + f(x[:, :, ::-1])
   if args.tta >= 2:
-    for dy, dx in ((1, 1), (-1, -1)):
+    shifts = ((1, 1), (-1, -1)) if args.tta == 2 else ((1, 1), (-1, -1), (1, -1), (-1, 1))
+    for dy, dx in shifts:
       xs = jnp.roll(x, (dy, dx), axis=(1, 2)); pr = pr + 0.5 * (f(xs) + f(xs[:, :, ::-1]))
   return pr
 

@@ -43,7 +43,8 @@ from jaxcls.errors import CheckpointError, ConfigError, check_at_least
 # other values cannot be restored into this run's state.
 STATE_KEYS = ("model.name", "model.width", "model.stem", "data.num_classes")
 # The same, for keys that came later: a checkpoint without them had these values.
-LATER_STATE_KEYS = {"optim.name": "sgd", "ema.decay > 0": False}
+LATER_STATE_KEYS = {"optim.name": "sgd", "ema.decay > 0": False,
+                    "model.downsample": "pool_then_conv"}
 # Keys whose change makes the saved data position meaningless (it counts batches of a given
 # size over a given number of per-process shares).
 DATA_KEYS = ("batch_size", "process_count", "data.source", "data.train_split", "seed")
@@ -77,6 +78,9 @@ def run_metadata(config) -> dict:
     values[key] = node
   values["optim.name"] = config.optim.get("name", "sgd")
   values["ema.decay > 0"] = ema.enabled(config)  # an EMA adds arrays to the state
+  # Same arrays, another network: the cnn's layout (models/cnn.py); the ResNets ignore it.
+  values["model.downsample"] = (config.model.get("downsample", "pool_then_conv")
+                                if config.model.name == "cnn" else "pool_then_conv")
   return values
 
 

@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   # cnn only (the ResNets ignore it): each 3x3 conv's first min(in, out) filters start as the
   # identity (airbench's dirac init; models/cnn.py), the rest as usual.
   config.model.identity_init = False
+  # cnn only: 'pool_then_conv' (each stage max-pools, then convolves) or 'conv_then_pool'
+  # (airbench's layout: each stage's first conv before the pool, global max pool; models/cnn.py).
+  config.model.downsample = "pool_then_conv"
   # Start training from these weights (docs/guide.md "Start from pretrained weights"): a
   # jaxcls export directory (a run's export/, or `python -m jaxcls.weights import`'s output)
   # or a torchvision / timm ResNet .safetensors. Another class count re-initializes the head.

@@ -133,8 +133,8 @@ def test_decode_breakdown_times_each_part(tmp_path):
 def test_recipe_search_reports_accuracy_and_flops_of_a_short_run(tmp_path):
   out = tmp_path / "runs.jsonl"
   result = run_benchmark("recipe_search.py", tmp_path, "--epochs", "0.05", "--whiten", "2",
-                         "--widths", "0,8,16,32", "--dirac", "1", "--tta", "2", "--jsonl",
-                         str(out))
+                         "--widths", "0,8,16,32", "--dirac", "1", "--tta", "3",
+                         "--bias_lr", "2", "--bn_scale", "0", "--jsonl", str(out))
   assert result.returncode == 0, result.stderr[-3000:]
   line = json.loads(out.read_text().splitlines()[-1])
   assert 0.0 <= line["acc"] <= 1.0 and line["train_gflop"] > 0

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import helpers
-from jaxcls import build, optim
+from jaxcls import build, checkpoint, optim
 from jaxcls import config as config_lib
 from jaxcls import models
 from jaxcls.data import pipeline
@@ -301,6 +301,12 @@ def test_whiten_is_a_stem_of_the_cnn_only():
     models.check_config(model_config(name='resnet_tiny', stem='whiten'))
 
 
+def identity_kernel(n):
+  kernel = np.zeros((3, 3, n, n), np.float32)
+  kernel[1, 1, np.arange(n), np.arange(n)] = 1
+  return kernel
+
+
 def test_identity_init_starts_the_cnn_convs_as_identities_on_their_first_channels():
   cfg = model_config(name='cnn', width=4, identity_init=True)
   variables = models.create_model(cfg, 10).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
@@ -320,7 +326,84 @@ def test_identity_init_starts_the_cnn_convs_as_identities_on_their_first_channel
   np.testing.assert_array_equal(
       widening[..., 8:], plain['params']['stage2_layer1_conv']['kernel'][..., 8:])
   assert np.abs(widening[..., 8:]).max() > 0
+  # A narrowing conv (the whitening stem's 24 channels into 16): its filters pass the first 16
+  # channels through and start with drawn weights on the other 8, as without it.
+  narrow, narrow_plain = (
+      models.create_model(model_config(name='cnn', stem='whiten', width=8, identity_init=on),
+                          10).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+      ['params']['stage1_layer1_conv']['kernel'] for on in (True, False))
+  assert narrow.shape == (3, 3, 24, 16)
+  np.testing.assert_array_equal(narrow[:, :, :16], np.asarray(identity_kernel(16)))
+  np.testing.assert_array_equal(narrow[:, :, 16:], narrow_plain[:, :, 16:])
   # The ResNets ignore it (as the cnn ignores zero_init_residual): the default config's
   # setting does not stop a switch to a ResNet.
   resnet = models.create_model(model_config(identity_init=True), 10)
   assert not hasattr(resnet, 'identity_init')
+
+
+def conv3x3(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def test_conv_then_pool_is_airbench_layout_conv_pool_bn_relu_and_a_global_max():
+  """Reference forward written out by hand: each stage's first conv at the incoming
+  resolution, then 2x2 max-pool, BatchNorm, ReLU; a second conv-BN-ReLU; global max pool."""
+  cfg = model_config(name='cnn', width=4, downsample='conv_then_pool')
+  model = models.create_model(cfg, 10)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  variables = jax.tree.map(np.asarray, model.init(jax.random.key(0), x, train=False))
+  # Non-trivial BatchNorm statistics and head, so every part of the path shows.
+  stats = {name: {'mean': rng.normal(0, 0.1, s['mean'].shape).astype(np.float32),
+                  'var': rng.uniform(0.5, 1.5, s['var'].shape).astype(np.float32)}
+           for name, s in variables['batch_stats'].items()}
+  params = dict(variables['params'])
+  params['head'] = {'kernel': rng.normal(size=params['head']['kernel'].shape).astype(np.float32),
+                    'bias': params['head']['bias']}
+
+  def bn_relu(y, name):
+    s, p = stats[f'{name}_bn'], params[f'{name}_bn']
+    return np.maximum((y - s['mean']) / np.sqrt(s['var'] + 1e-5) * p['scale'] + p['bias'], 0)
+
+  def pool(y):
+    n, h, w, c = y.shape
+    return y[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+  y = bn_relu(np.asarray(conv3x3(x, params['stem_conv']['kernel'])), 'stem')
+  for i in range(1, 4):
+    y = bn_relu(pool(np.asarray(conv3x3(y, params[f'stage{i}_layer1_conv']['kernel']))),
+                f'stage{i}_layer1')
+    y = bn_relu(np.asarray(conv3x3(y, params[f'stage{i}_layer2_conv']['kernel'])),
+                f'stage{i}_layer2')
+  want = y.max(axis=(1, 2)) @ params['head']['kernel'] + params['head']['bias']
+  got = model.apply({'params': params, 'batch_stats': stats}, x, train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert np.abs(want).max() > 0.1
+  # The same arrays as the default layout (a checkpoint tells them apart by its config,
+  # not its shapes), computing something else.
+  pool_first = models.create_model(model_config(name='cnn', width=4), 10)
+  assert (jax.tree.map(np.shape, init_shapes(pool_first, 16))
+          == jax.tree.map(np.shape, variables))
+  other = pool_first.apply({'params': params, 'batch_stats': stats}, x, train=False)
+  assert np.abs(np.asarray(other) - want).max() > 1e-2
+
+
+def test_downsample_is_checked_and_a_checkpoint_refuses_the_other_layout(tmp_path):
+  with pytest.raises(ConfigError, match=r"config.model.downsample: unknown 'pool'; known: "
+                     r"\['pool_then_conv', 'conv_then_pool'\]"):
+    models.check_config(model_config(name='cnn', downsample='pool'))
+  models.check_config(model_config(name='resnet_tiny', downsample='pool'))  # cnn only
+  config = config_lib.base_config()
+  config.model.name = 'cnn'
+  saved = checkpoint.run_metadata(config)
+  config.model.downsample = 'conv_then_pool'
+  loader = checkpoint.Checkpointer(str(tmp_path), config.checkpoint, 1,
+                                   checkpoint.run_metadata(config))
+  try:
+    with pytest.raises(checkpoint.CheckpointError, match=r"config.model.downsample: "
+                       "checkpoint 'pool_then_conv', now 'conv_then_pool'"):
+      # A checkpoint saved before the key existed had the pool-first layout.
+      loader.check_compatible(1, {k: v for k, v in saved.items() if k != 'model.downsample'})
+  finally:
+    loader.close()

@@ -1,7 +1,7 @@
 """Model registry: `config.model.name` -> constructor.
 
 Every constructor takes keyword arguments num_classes, width, stem, dtype,
-zero_init_residual and bn_momentum (those in IDENTITY_INIT also identity_init) and returns a flax.linen.Module whose
+zero_init_residual and bn_momentum (the cnn also CNN_OPTIONS) and returns a flax.linen.Module whose
 `__call__(x, train)` maps float32 NHWC images to float32 logits. A model with BatchNorm has a
 `bn_axis_name` field (default None) that its BatchNorm layers pass on as `axis_name`: gradient
 accumulation (jaxcls/steps.py) sets it to average the statistics over the devices.
@@ -30,7 +30,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 STEMS = {'cnn': cnn.STEMS}  # config.model.stem by model; the ResNets take resnet.STEMS
-IDENTITY_INIT = ('cnn',)  # the models that take config.model.identity_init; others ignore it
+# config.model keys only the cnn takes, with the value a config without them means; the
+# ResNets ignore them.
+CNN_OPTIONS = {'identity_init': False, 'downsample': cnn.DOWNSAMPLES[0]}
 
 DTYPES = {
     'float32': jnp.float32,
@@ -65,6 +67,10 @@ def check_config(model_config) -> None:
         f'config.model.stem: unknown stem {model_config.stem!r} for '
         f'{model_config.name}; known: {list(stems)} (configs/default.py gives its cnn '
         f"'whiten': add --config.model.stem=small when switching it to a ResNet)")
+  downsample = model_config.get('downsample', CNN_OPTIONS['downsample'])
+  if model_config.name == 'cnn' and downsample not in cnn.DOWNSAMPLES:
+    raise ConfigError(
+        f'config.model.downsample: unknown {downsample!r}; known: {list(cnn.DOWNSAMPLES)}')
   width = model_config.width
   if isinstance(width, bool) or not isinstance(width, int) or width < 1:
     raise ConfigError(
@@ -102,10 +108,10 @@ def check_init_from(model_config) -> None:
 def create_model(model_config, num_classes: int) -> nn.Module:
   """Builds the (unbound) model named by `config.model.name`."""
   check_config(model_config)
-  # Passed only to the models that take it (ResNets start their blocks as identities through
+  # Passed only to the cnn (ResNets start their blocks as identities through
   # zero_init_residual instead).
-  extra = ({'identity_init': True} if model_config.get('identity_init')
-           and model_config.name in IDENTITY_INIT else {})
+  extra = ({key: model_config.get(key, default) for key, default in CNN_OPTIONS.items()}
+           if model_config.name == 'cnn' else {})
   return MODELS[model_config.name](
       **extra,
       num_classes=num_classes,
