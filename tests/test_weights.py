@@ -5,6 +5,7 @@ and training starts from them (`config.model.init_from`, `optim.freeze`, `backbo
 import functools
 import json
 import sys
+import types
 
 import flax
 import flax.linen as nn
@@ -349,3 +350,23 @@ def test_a_run_exported_to_torchvision_and_back_starts_a_new_run(trained_workdir
   result = run_main(tmp_path / "finetune", *run, "--config.num_train_steps=3")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resumed from" in result.stdout and "Started from the weights" not in result.stdout
+
+
+def test_init_from_a_cnn_export_refuses_the_other_downsample_layout(tmp_path):
+  """Both cnn layouts have the same arrays: the export's config, not a shape, tells them apart."""
+  config = tiny_config()
+  config.model.name, config.model.width = "cnn", 4
+  config.model.downsample = "conv_then_pool"
+  variables = models.create_model(config.model, 10).init(
+      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  state = types.SimpleNamespace(params=variables["params"], batch_stats=variables["batch_stats"])
+  export = tmp_path / "export"
+  checkpoint.export_variables(str(export), state,
+                              checkpoint.export_info(config, [str(i) for i in range(10)], 0))
+  config.model.init_from = str(export)
+  loaded = weights.init_variables(config.model, variables, print)  # the same layout loads
+  assert jax.tree.structure(loaded) == jax.tree.structure(dict(variables))
+  config.model.downsample = "pool_then_conv"
+  with pytest.raises(ConfigError, match=r"holds a cnn with config.model.downsample="
+                                        r"'conv_then_pool'; this config has 'pool_then_conv'"):
+    weights.init_variables(config.model, variables, print)
