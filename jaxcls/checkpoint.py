@@ -34,7 +34,7 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from jaxcls import distributed, ema, integrity, storage
+from jaxcls import distributed, ema, integrity, models, storage
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import position as position_lib
 from jaxcls.errors import CheckpointError, ConfigError, check_at_least
@@ -44,7 +44,7 @@ from jaxcls.errors import CheckpointError, ConfigError, check_at_least
 STATE_KEYS = ("model.name", "model.width", "model.stem", "data.num_classes")
 # The same, for keys that came later: a checkpoint without them had these values.
 LATER_STATE_KEYS = {"optim.name": "sgd", "ema.decay > 0": False,
-                    "model.downsample": "pool_then_conv"}
+                    "model.downsample": models.CNN_OPTIONS["downsample"]}
 # Keys whose change makes the saved data position meaningless (it counts batches of a given
 # size over a given number of per-process shares).
 DATA_KEYS = ("batch_size", "process_count", "data.source", "data.train_split", "seed")
@@ -79,8 +79,7 @@ def run_metadata(config) -> dict:
   values["optim.name"] = config.optim.get("name", "sgd")
   values["ema.decay > 0"] = ema.enabled(config)  # an EMA adds arrays to the state
   # Same arrays, another network: the cnn's layout (models/cnn.py); the ResNets ignore it.
-  values["model.downsample"] = (config.model.get("downsample", "pool_then_conv")
-                                if config.model.name == "cnn" else "pool_then_conv")
+  values["model.downsample"] = models.downsample_of(config.model)
   return values
 
 

@@ -2,8 +2,9 @@
 
 JAX dispatches a jitted step asynchronously, so a loop that never reads a result can queue
 hundreds of steps. XLA:CPU (jaxlib 0.10.2) with several devices then deadlocks in the step's
-all-reduce: with 8 fake devices on 2 cores, 400 steps of a tiny model queued without a sync
-stopped in every try, and a step every 10 synced never did (scripts/cpu_allreduce_hang.py,
+all-reduce: a small data-parallel step run 300 times on 2 cores, waiting every 50 steps, hung
+in 5 of 5 tries on 2 and on 8 fake devices; waiting every 4, in none
+(scripts/cpu_allreduce_hang.py, benchmarks/README.md "XLA:CPU and steps ahead",
 tests/test_dispatch.py). A few steps ahead is all a device needs to stay busy while the host
 dispatches the next one, so the loop waits for the step `limit` back before going on.
 """

@@ -304,7 +304,7 @@ def init_variables(model_config, target: dict, log) -> dict:
                             f"{saved.get('stem')!r} and width {saved.get('width')}; "
                             f"config.model.{key} is {model_config[key]!r}.")
       if saved.get("name") == "cnn":  # same arrays either way; exports before the key: pool first
-        layouts = [m.get("downsample", "pool_then_conv") for m in (saved, model_config)]
+        layouts = [models.downsample_of(m) for m in (saved, model_config)]
         if layouts[0] != layouts[1]:
           raise ConfigError(f"{where} holds a cnn with config.model.downsample="
                             f"{layouts[0]!r}; this config has {layouts[1]!r}: the same "

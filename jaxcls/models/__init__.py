@@ -34,6 +34,14 @@ STEMS = {'cnn': cnn.STEMS}  # config.model.stem by model; the ResNets take resne
 # ResNets ignore them.
 CNN_OPTIONS = {'identity_init': False, 'downsample': cnn.DOWNSAMPLES[0]}
 
+
+def downsample_of(model_config) -> str:
+  """The cnn layout (models/cnn.py) a config, or an export's saved model dict, means: the
+  default where the key is absent (written before it existed) or the model is not the cnn."""
+  default = CNN_OPTIONS['downsample']
+  return model_config.get('downsample', default) if model_config.get('name') == 'cnn' else default
+
+
 DTYPES = {
     'float32': jnp.float32,
     'bfloat16': jnp.bfloat16,
